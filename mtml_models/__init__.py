@@ -1,0 +1,1 @@
+"""mtml_models."""
