@@ -31,7 +31,8 @@ def test_shards_are_byte_identical_and_tar_readable():
         buf = io.BytesIO()
         w = ShardWriter(buf)
         spans = [w.add(f"k{i}", {"txt": str(i).encode(), "json": b"{}"}) for i in range(5)]
-        return buf.getvalue(), spans, w.close()
+        closed = w.close()
+        return buf.getvalue(), spans, closed
 
     a, spans, (size, sha) = write()
     b, _, (_, sha2) = write()
