@@ -1,0 +1,231 @@
+"""Media: read, check and encode one record's image, audio and text into tar members (runs in pool workers)."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import unicodedata
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .align import Record, Reject
+
+KEEP_IMAGE = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+PIL_SAVE = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+
+
+@dataclass(frozen=True)
+class MediaSettings:
+    """The encoding choices of a build, resolved (sample_rate is a number here)."""
+
+    image_format: str = "keep"
+    image_quality: int = 90
+    max_side: int | None = None
+    max_pixels: int = 64_000_000
+    sample_rate: int = 16000
+    channels: int = 1
+    audio_format: str = "flac"
+    max_audio_seconds: float = 600.0
+
+
+@dataclass
+class Encoded:
+    """One sample ready for a shard: its members and the facts the index keeps."""
+
+    key: str
+    source_id: str
+    members: dict[str, bytes]  # ext -> bytes, "json" included
+    labels: dict[str, Any]
+    image_width: int | None = None
+    image_height: int | None = None
+    audio_seconds: float | None = None
+    text_chars: int | None = None
+    text: str | None = None
+
+
+class MediaReject(Exception):
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def encode_record(job: tuple[Record, MediaSettings]) -> Encoded | Reject:
+    """Encode one record; any problem becomes a Reject (never an exception out of a worker)."""
+    rec, settings = job
+    out = Encoded(rec.key, rec.source_id, {}, rec.labels)
+    try:
+        for modality in ("image", "audio", "text"):
+            ref = rec.media.get(modality)
+            if ref is None:
+                continue
+            data = ref.data if ref.data is not None else _read(ref.path)
+            if not data:
+                raise MediaReject("empty_file", f"{modality} {ref.path!r} is empty (0 bytes)")
+            if modality == "image":
+                ext, blob, (out.image_width, out.image_height) = encode_image(data, settings)
+            elif modality == "audio":
+                ext, blob, out.audio_seconds = encode_audio(data, ref.ext, settings)
+            else:
+                ext, blob, out.text = encode_text(data)
+                out.text_chars = len(out.text)
+            out.members[ext] = blob
+    except MediaReject as e:
+        return Reject(rec.source_id, rec.paths, e.reason, f"{_where(rec)}: {e}")
+    out.members["json"] = json.dumps({"id": rec.source_id, "labels": rec.labels}, sort_keys=True,
+                                     separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return out
+
+
+def _where(rec: Record) -> str:
+    return rec.paths[0] if len(rec.paths) == 1 else rec.source_id
+
+
+def _read(path: str | None) -> bytes:
+    try:
+        with open(path or "", "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise MediaReject("unreadable", f"cannot read {path!r}: {e.strerror or e}") from None
+
+
+# ---- image ---------------------------------------------------------------------------------------------------
+
+
+def encode_image(data: bytes, s: MediaSettings) -> tuple[str, bytes, tuple[int, int]]:
+    """Return (ext, bytes, (width, height)); keep jpg/png/webp bytes when nothing needs changing."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            if w * h > s.max_pixels:
+                raise MediaReject("too_large", f"image is {w}x{h} = {w * h} pixels > max_pixels {s.max_pixels}; "
+                                  "raise max_pixels to keep it")
+            fmt = im.format
+            im.load()  # decode fully: catches truncated and corrupt files
+            too_big = s.max_side is not None and max(w, h) > s.max_side
+            stored = KEEP_IMAGE.get(fmt or "")
+            if stored and not too_big and s.image_format in ("keep", stored):
+                return stored, data, (w, h)
+            target = "png" if s.image_format == "keep" else s.image_format
+            if too_big:
+                scale = s.max_side / max(w, h)
+                im = im.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.LANCZOS)
+            return target, _save(im, target, s.image_quality), im.size
+    except MediaReject:
+        raise
+    except Image.DecompressionBombError as e:
+        raise MediaReject("too_large", f"image exceeds the decompression-bomb limit ({e})") from None
+    except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad data
+        raise MediaReject("unreadable", f"not a readable image ({type(e).__name__}: {e})") from None
+
+
+def _save(im, fmt: str, quality: int) -> bytes:
+    if fmt == "jpg" and im.mode not in ("RGB", "L"):
+        im = im.convert("RGB")
+    elif im.mode not in ("RGB", "RGBA", "L", "LA"):
+        im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
+    buf = io.BytesIO()
+    kw = {"quality": quality} if fmt in ("jpg", "webp") else {"optimize": False}
+    im.save(buf, format=PIL_SAVE[fmt], **kw)
+    return buf.getvalue()
+
+
+# ---- audio ---------------------------------------------------------------------------------------------------
+
+
+def encode_audio(data: bytes, ext: str, s: MediaSettings) -> tuple[str, bytes, float]:
+    """Return (ext, bytes, seconds): decoded, mixed to the channels, resampled, stored as FLAC or WAV."""
+    import soundfile as sf
+
+    if ext == "wav":
+        _check_wav_complete(data)
+    try:
+        info = sf.info(io.BytesIO(data))
+        rate, frames, channels = int(info.samplerate), int(info.frames), int(info.channels)
+        if rate > 0 and frames / rate > s.max_audio_seconds:
+            raise MediaReject("too_large", f"audio lasts {frames / rate:.1f} s > max_audio_seconds "
+                              f"{s.max_audio_seconds}; raise max_audio_seconds to keep it")
+        y, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)  # (N, C)
+    except MediaReject:
+        raise
+    except Exception:  # noqa: BLE001 - not a soundfile format: try librosa (audioread)
+        y, rate = _librosa_decode(data)
+    if y.shape[0] == 0:
+        raise MediaReject("empty_file", "audio has no samples")
+    seconds_in = y.shape[0] / rate
+    if seconds_in > s.max_audio_seconds:
+        raise MediaReject("too_large", f"audio lasts {seconds_in:.1f} s > max_audio_seconds {s.max_audio_seconds}")
+    channels = y.shape[1]
+    if ext == s.audio_format and rate == s.sample_rate and channels == s.channels:
+        return ext, data, y.shape[0] / rate  # already in the stored form: keep the bytes
+    y = _mix(y, s.channels)
+    if rate != s.sample_rate:
+        import librosa
+
+        y = librosa.resample(np.ascontiguousarray(y.T), orig_sr=rate, target_sr=s.sample_rate).T  # (N', C)
+    y = np.clip(y, -1.0, 32767 / 32768)
+    buf = io.BytesIO()
+    sf.write(buf, y, s.sample_rate, format=s.audio_format.upper(), subtype="PCM_16")
+    return s.audio_format, buf.getvalue(), y.shape[0] / s.sample_rate
+
+
+def _mix(y: np.ndarray, channels: int) -> np.ndarray:
+    """(N, C) -> (N, channels): average to mono, repeat mono, or refuse."""
+    c = y.shape[1]
+    if c == channels:
+        return y
+    if channels == 1:
+        return y.mean(axis=1, keepdims=True)
+    if c == 1:
+        return np.repeat(y, channels, axis=1)
+    raise MediaReject("unsupported_format", f"audio has {c} channels; cannot map them to {channels}")
+
+
+def _librosa_decode(data: bytes) -> tuple[np.ndarray, int]:
+    import tempfile
+
+    try:
+        import librosa
+
+        with tempfile.NamedTemporaryFile(suffix=".audio") as f:
+            f.write(data)
+            f.flush()
+            y, rate = librosa.load(f.name, sr=None, mono=False)
+    except Exception as e:  # noqa: BLE001
+        raise MediaReject("unreadable", f"not a readable audio file ({type(e).__name__}: {e})") from None
+    y = np.atleast_2d(y).T.astype(np.float32)  # (C, N) -> (N, C)
+    return y, int(rate)
+
+
+def _check_wav_complete(data: bytes) -> None:
+    """libsndfile quietly reads a truncated WAV; compare the data chunk's declared size with what is there."""
+    if len(data) < 12 or data[:4] not in (b"RIFF", b"RF64") or data[8:12] != b"WAVE":
+        return  # not RIFF/WAVE: let the decoder judge it
+    pos = 12
+    while pos + 8 <= len(data):
+        cid, size = data[pos:pos + 4], struct.unpack("<I", data[pos + 4:pos + 8])[0]
+        if cid == b"data":
+            if size != 0xFFFFFFFF and pos + 8 + size > len(data):
+                raise MediaReject("unreadable", f"WAV is truncated: data chunk declares {size} bytes, "
+                                  f"{len(data) - pos - 8} present")
+            return
+        pos += 8 + size + (size & 1)
+    raise MediaReject("unreadable", "WAV has no data chunk")
+
+
+# ---- text ----------------------------------------------------------------------------------------------------
+
+
+def encode_text(data: bytes) -> tuple[str, bytes, str]:
+    """Return ("txt", NFC UTF-8 bytes, text); invalid UTF-8 is a reject."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MediaReject("bad_text_encoding", f"text is not valid UTF-8 (byte {e.start}); re-save it as "
+                          "UTF-8") from None
+    text = unicodedata.normalize("NFC", text.removeprefix("\ufeff"))
+    return "txt", text.encode("utf-8"), text

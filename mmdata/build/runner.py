@@ -1,0 +1,294 @@
+"""Runner: discover -> align -> encode (process pool) -> shards -> card, resumable shard by shard."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import re
+import shutil
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ..card import LABEL_PREFIX, Card, SplitInfo
+from ..errors import ConfigError
+from ..format import CARD_NAME, INDEX_NAME, REJECTS_NAME, TOKENIZER_DIR
+from ..tasks import Task
+from .align import Record, Reject, align, resolve_tasks
+from .config import BuildConfig
+from .discover import discover
+from .media import Encoded, MediaSettings, encode_record
+from .shards import TMP_PREFIX, ShardDone, SplitWriter, file_sha256
+from .splits import assign_splits, shuffled, split_sort_key
+
+log = logging.getLogger(__name__)
+
+JOURNAL = ".mmdata-build.jsonl"  # one line per finished shard; removed when the card is written
+SHARD_RE = re.compile(r"^[A-Za-z0-9_-]+-\d{6}\.tar$")
+DEFAULT_RATE = 16000
+
+
+def build_dataset(source: str | Path, out: str | Path, config: BuildConfig | None = None, *, layout: str = "auto",
+                  overwrite: bool = False, progress: bool = True, resume: bool = False) -> Card:
+    """Build a sharded dataset in ``out`` from ``source``; return its card. Every record is written or rejected."""
+    config = config or BuildConfig()
+    out = Path(out)
+    root, layout, raws = discover(source, layout, config)
+    log.info("discovered %d records (%s layout) under %s", len(raws), layout, root)
+    tasks = resolve_tasks(raws, config)
+    records, rejects = align(raws, root, tasks, config)
+    settings = _media_settings(records, config)
+    split_of = assign_splits(records, config)
+    resolved = config.to_dict()
+    resolved.update(layout=layout, sample_rate=settings.sample_rate,
+                    tasks={t.name: {k: v for k, v in t.to_dict().items() if k != "name"} for t in tasks})
+    fingerprint = _fingerprint(resolved, records, split_of)
+    journal = _prepare_out(out, fingerprint, overwrite=overwrite, resume=resume)
+
+    by_key = {r.key: r for r in records}
+    split_names = sorted(set(split_of.values()), key=split_sort_key)
+    orders = {s: shuffled([k for k, v in split_of.items() if v == s], s, config.seed) for s in split_names}
+    done: dict[str, list[ShardDone]] = {s: [] for s in split_names}
+    consumed: dict[str, int] = dict.fromkeys(split_names, 0)
+    for entry in journal:  # shards finished by an earlier, interrupted run (checked by hash)
+        done[entry["split"]].append(_done_from_entry(entry))
+        consumed[entry["split"]] = entry["consumed"]
+        rejects += [Reject(**{**r, "paths": tuple(r["paths"])}) for r in entry["rejects"]]
+    todo = sum(len(orders[s]) - consumed[s] for s in split_names)
+    if journal:
+        log.info("resuming: %d shards kept, %d records left", len(journal), todo)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=todo, unit="rec", desc="build", disable=not progress, dynamic_ncols=True)
+    with open(out / JOURNAL, "a", encoding="utf-8") as jf, _Encoder(config.num_workers, todo) as encoder:
+        for split in split_names:
+            order = orders[split]
+            writer = SplitWriter(out, split, config.max_samples, config.max_bytes, first_index=len(done[split]))
+            pending: list[Reject] = []
+            jobs = ((by_key[k], settings) for k in order[consumed[split]:])
+            for pos, result in enumerate(encoder.map(jobs), consumed[split]):
+                bar.update(1)
+                if isinstance(result, Reject):
+                    pending.append(result)
+                    bar.set_postfix(rejected=len(rejects) + len(pending), refresh=False)
+                    continue
+                closed = writer.add(result)
+                if closed:
+                    _journal(jf, split, closed, pos, pending)
+                    done[split].append(closed)
+                    rejects, pending = rejects + pending, []
+            closed = writer.close()
+            if closed:
+                _journal(jf, split, closed, len(order), pending)
+                done[split].append(closed)
+            rejects += pending
+    bar.close()
+    card = _finish(out, config, resolved, tasks, settings, done, rejects, len(raws))
+    return card
+
+
+class _Encoder:
+    """encode_record over jobs, in order, in a fork pool (or in-process for one worker or few jobs)."""
+
+    def __init__(self, workers: int, jobs: int):
+        self.pool = None
+        if workers > 1 and jobs > 32:
+            self.pool = multiprocessing.get_context("fork").Pool(workers)
+
+    def map(self, jobs) -> Iterator[Encoded | Reject]:
+        if self.pool is None:
+            return map(encode_record, jobs)
+        return self.pool.imap(encode_record, jobs, chunksize=8)
+
+    def __enter__(self) -> _Encoder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.terminate() if exc[0] else self.pool.close()
+            self.pool.join()
+
+
+def _media_settings(records: list[Record], config: BuildConfig) -> MediaSettings:
+    rate = config.sample_rate
+    if rate is None:
+        rates = {r.audio_rate for r in records if r.audio_rate}
+        rate = rates.pop() if len(rates) == 1 else DEFAULT_RATE
+        if len(rates) > 0:
+            log.info("audio inputs have several sample rates; resampling all to %d Hz", rate)
+    return MediaSettings(config.image_format, config.image_quality, config.max_side, config.max_pixels, rate,
+                         config.channels, config.audio_format, config.max_audio_seconds)
+
+
+def _fingerprint(resolved: dict[str, Any], records: list[Record], split_of: dict[str, str]) -> str:
+    h = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode())
+    for r in sorted(records, key=lambda r: r.key):
+        sizes = [len(m.data) if m.data is not None else os.path.getsize(m.path) for m in r.media.values()]
+        h.update(json.dumps([r.key, r.source_id, split_of[r.key], r.paths, sizes, r.labels]).encode())
+    return h.hexdigest()
+
+
+# ---- output folder and journal -----------------------------------------------------------------------------
+
+
+def _prepare_out(out: Path, fingerprint: str, *, overwrite: bool, resume: bool) -> list[dict[str, Any]]:
+    """Make ``out`` ready; return the journal entries of shards that a resumed build keeps."""
+    out.mkdir(parents=True, exist_ok=True)
+    jpath = out / JOURNAL
+    entries: list[dict[str, Any]] = []
+    if resume and jpath.exists():
+        lines = [json.loads(line) for line in jpath.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if lines and lines[0].get("fingerprint") != fingerprint:
+            if not overwrite:
+                raise ConfigError(f"the partial build in {str(out)!r} came from other input or config; rerun "
+                                  "with the same input and config, or with --overwrite to start over")
+        else:
+            entries = _valid_entries(out, lines[1:])
+    elif any(out.iterdir()) and not (overwrite or resume):
+        raise ConfigError(f"output folder {str(out)!r} is not empty; pass --overwrite to replace the dataset "
+                          "there, or --resume to continue an interrupted build")
+    keep = {e["file"] for e in entries}
+    for p in out.iterdir():  # remove our own files only, never anything else the user put there
+        ours = p.name in (CARD_NAME, INDEX_NAME, REJECTS_NAME, JOURNAL, TOKENIZER_DIR) or p.name.startswith(TMP_PREFIX)
+        if ours or (SHARD_RE.match(p.name) and p.name not in keep):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else os.remove(p)
+    with open(jpath, "w", encoding="utf-8") as f:
+        f.write(json.dumps({"fingerprint": fingerprint}) + "\n")
+        for e in entries:
+            f.write(json.dumps(e) + "\n")
+    return entries
+
+
+def _valid_entries(out: Path, lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Journal entries whose shard is present with the recorded hash; a split stops at its first bad one."""
+    good, broken = [], set()
+    for e in lines:
+        p = out / e["file"]
+        if e["split"] in broken or not p.is_file() or file_sha256(p) != e["sha256"]:
+            broken.add(e["split"])
+            continue
+        good.append(e)
+    return good
+
+
+def _journal(jf, split: str, done: ShardDone, consumed: int, rejects: list[Reject]) -> None:
+    entry = {"split": split, "file": done.info.file, "samples": done.info.samples, "bytes": done.info.bytes,
+             "sha256": done.info.sha256, "consumed": consumed, "rows": done.rows, "texts": done.texts,
+             "rejects": [r.to_dict() for r in rejects]}
+    jf.write(json.dumps(entry) + "\n")
+    jf.flush()
+    os.fsync(jf.fileno())
+
+
+def _done_from_entry(e: dict[str, Any]) -> ShardDone:
+    from ..card import ShardInfo
+
+    return ShardDone(ShardInfo(e["file"], e["samples"], e["bytes"], e["sha256"]), e["rows"], e["texts"])
+
+
+# ---- card, index, rejects, tokenizer (written last) --------------------------------------------------------
+
+
+def _finish(out: Path, config: BuildConfig, resolved: dict[str, Any], tasks: tuple[Task, ...],
+            settings: MediaSettings, done: dict[str, list[ShardDone]], rejects: list[Reject],
+            num_input: int) -> Card:
+    rows = [row for split in done for d in done[split] for row in d.rows]
+    written = len(rows)
+    if written + len(rejects) != num_input:
+        raise AssertionError(f"accounting: {written} written + {len(rejects)} rejected != {num_input} input")
+    exts = {e for row in rows for e in row["exts"]}
+    modalities: dict[str, dict[str, Any]] = {}
+    if exts & {"jpg", "png", "webp"}:
+        modalities["image"] = {"formats": sorted(exts & {"jpg", "png", "webp"})}
+    if exts & {"flac", "wav"}:
+        modalities["audio"] = {"sample_rate": settings.sample_rate, "channels": settings.channels,
+                               "format": settings.audio_format}
+    if "txt" in exts:
+        modalities["text"] = {"encoding": "utf-8", "normalization": "NFC"}
+    splits = {
+        s: SplitInfo(tuple(d.info for d in ds), _label_counts(tasks, [r for d in ds for r in d.rows]))
+        for s, ds in done.items() if ds
+    }
+    reasons = Counter(r.reason for r in rejects)
+    counts = {"input": num_input, "written": written, "rejected": dict(sorted(reasons.items()))}
+    card = Card(modalities=modalities, tasks=_task_list(tasks), splits=splits, build_config=resolved,
+                counts=counts)
+    texts = [t for d in done.get("train", []) for t in d.texts]
+    if texts and config.tokenizer_vocab > 0:
+        _write_tokenizer(out, texts, config.tokenizer_vocab)
+    _write_index(out / INDEX_NAME, rows, tasks)
+    lines = "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n"
+                    for r in sorted(rejects, key=lambda r: (r.source_id, r.reason, r.paths)))
+    _atomic_write(out / REJECTS_NAME, lines.encode("utf-8"))
+    _atomic_write(out / CARD_NAME, card.to_json().encode("utf-8"))
+    os.remove(out / JOURNAL)
+    if num_input and len(rejects) / num_input > config.max_reject_fraction:
+        log.warning("rejected %d of %d records (%.1f%%) > max_reject_fraction %.1f%%; see %s", len(rejects),
+                    num_input, 100 * len(rejects) / num_input, 100 * config.max_reject_fraction, REJECTS_NAME)
+    return card
+
+
+def _task_list(tasks: tuple[Task, ...]):
+    from ..tasks import TaskList
+
+    return TaskList(tuple(tasks))
+
+
+def _label_counts(tasks: tuple[Task, ...], rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for t in tasks:
+        vals = [r["labels"].get(t.name) for r in rows]
+        if t.type == "regression":
+            c = {"present": sum(v is not None for v in vals)}
+        else:
+            c = dict.fromkeys(t.classes, 0)
+            for v in vals:
+                for i in ([v] if t.type == "classification" else v) if v is not None else []:
+                    c[t.classes[i]] += 1
+        c["missing"] = sum(v is None for v in vals)
+        out[t.name] = c
+    return out
+
+
+def _write_index(path: Path, rows: list[dict[str, Any]], tasks: tuple[Task, ...]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fields = [("key", pa.string()), ("split", pa.string()), ("shard", pa.string()), ("offset", pa.int64()),
+              ("size", pa.int64()), ("modalities", pa.list_(pa.string())), ("image_width", pa.int64()),
+              ("image_height", pa.int64()), ("audio_seconds", pa.float64()), ("text_chars", pa.int64()),
+              ("source_id", pa.string())]
+    cols = {name: pa.array([r[name] for r in rows], type=typ) for name, typ in fields}
+    label_type = {"classification": pa.int64(), "multilabel": pa.list_(pa.int64()),
+                  "regression": pa.list_(pa.float64())}
+    for t in tasks:
+        cols[LABEL_PREFIX + t.name] = pa.array([r["labels"].get(t.name) for r in rows], type=label_type[t.type])
+    tmp = path.with_name(TMP_PREFIX + path.name)
+    pq.write_table(pa.table(cols), tmp)
+    os.replace(tmp, path)
+
+
+def _write_tokenizer(out: Path, texts: list[str], vocab: int) -> None:
+    from ..tokenizer import save_tokenizer, train_tokenizer
+
+    tmp = out / (TMP_PREFIX + TOKENIZER_DIR)
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_tokenizer(train_tokenizer(texts, vocab_size=vocab), tmp)
+    final = out / TOKENIZER_DIR
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(TMP_PREFIX + path.name)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
