@@ -87,7 +87,12 @@ def detect_layout(source: Path) -> str:
 
 
 def _is_sample_dir(d: Path) -> bool:
-    return any(f.is_file() and (f.name == "labels.json" or modality_of_ext(f.suffix[1:])) for f in d.iterdir())
+    """A per-sample folder: a labels.json, or at most one file of each modality (a stems folder has many)."""
+    files = [f for f in d.iterdir() if f.is_file()]
+    if any(f.name == "labels.json" for f in files):
+        return True
+    kinds = [m for m in (modality_of_ext(f.suffix[1:]) for f in files) if m]
+    return bool(kinds) and len(kinds) == len(set(kinds))
 
 
 def discover(source: str | Path, layout: str, config: BuildConfig) -> tuple[Path, str, list[RawRecord]]:
