@@ -22,7 +22,7 @@ from .align import Record, Reject, align, resolve_tasks
 from .config import BuildConfig
 from .discover import discover
 from .media import Encoded, MediaSettings, encode_record
-from .shards import TMP_PREFIX, ShardDone, SplitWriter, file_sha256
+from .shards import TMP_SUFFIX, ShardDone, SplitWriter, file_sha256
 from .splits import assign_splits, shuffled, split_sort_key
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ def _prepare_out(out: Path, fingerprint: str, *, overwrite: bool, resume: bool) 
                           "there, or --resume to continue an interrupted build")
     keep = {e["file"] for e in entries}
     for p in out.iterdir():  # remove our own files only, never anything else the user put there
-        ours = p.name in (CARD_NAME, INDEX_NAME, REJECTS_NAME, JOURNAL, TOKENIZER_DIR) or p.name.startswith(TMP_PREFIX)
+        ours = p.name in (CARD_NAME, INDEX_NAME, REJECTS_NAME, JOURNAL, TOKENIZER_DIR) or p.name.endswith(TMP_SUFFIX)
         if ours or (SHARD_RE.match(p.name) and p.name not in keep):
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else os.remove(p)
     with open(jpath, "w", encoding="utf-8") as f:
@@ -268,7 +268,7 @@ def _write_index(path: Path, rows: list[dict[str, Any]], tasks: tuple[Task, ...]
                   "regression": pa.list_(pa.float64())}
     for t in tasks:
         cols[LABEL_PREFIX + t.name] = pa.array([r["labels"].get(t.name) for r in rows], type=label_type[t.type])
-    tmp = path.with_name(TMP_PREFIX + path.name)
+    tmp = path.with_name(path.name + TMP_SUFFIX)
     pq.write_table(pa.table(cols), tmp)
     os.replace(tmp, path)
 
@@ -276,7 +276,7 @@ def _write_index(path: Path, rows: list[dict[str, Any]], tasks: tuple[Task, ...]
 def _write_tokenizer(out: Path, texts: list[str], vocab: int) -> None:
     from ..tokenizer import save_tokenizer, train_tokenizer
 
-    tmp = out / (TMP_PREFIX + TOKENIZER_DIR)
+    tmp = out / (TOKENIZER_DIR + TMP_SUFFIX)
     shutil.rmtree(tmp, ignore_errors=True)
     save_tokenizer(train_tokenizer(texts, vocab_size=vocab), tmp)
     final = out / TOKENIZER_DIR
@@ -286,7 +286,7 @@ def _write_tokenizer(out: Path, texts: list[str], vocab: int) -> None:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(TMP_PREFIX + path.name)
+    tmp = path.with_name(path.name + TMP_SUFFIX)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()

@@ -13,7 +13,7 @@ from ..format import BLOCK, ShardWriter, modality_of, shard_name
 from .media import Encoded
 
 RECORD = BLOCK * 20  # tarfile pads an archive to a multiple of 20 blocks
-TMP_PREFIX = ".partial-"
+TMP_SUFFIX = ".partial"  # a shard being written: never a name that ends in .tar
 
 
 def member_bytes(members: dict[str, bytes]) -> int:
@@ -89,14 +89,14 @@ class SplitWriter:
         os.fsync(self._file.fileno())
         self._file.close()
         final = self.out / self.name
-        os.replace(self.out / (TMP_PREFIX + self.name), final)
+        os.replace(self.out / (self.name + TMP_SUFFIX), final)
         done = ShardDone(ShardInfo(self.name, len(self._rows), nbytes, sha), self._rows, self._texts)
         self._writer, self._file, self._payload, self._rows, self._texts = None, None, 0, [], []
         self.index += 1
         return done
 
     def _open(self) -> None:
-        self._file = open(self.out / (TMP_PREFIX + self.name), "wb")
+        self._file = open(self.out / (self.name + TMP_SUFFIX), "wb")
         self._writer = ShardWriter(self._file)
 
 
