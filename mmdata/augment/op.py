@@ -1,0 +1,78 @@
+"""Op: the base of every augmentation; per-sample params drawn from a given torch.Generator."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+Params = dict[str, Any]  # tensors, or nested dicts of tensors
+
+
+class Op(nn.Module):
+    """An augmentation split into ``make_params`` (random, per sample) and ``apply`` (deterministic).
+
+    Params are drawn on the generator's device and moved to the data's device, so a CPU generator gives
+    the same params, hence the same result (within float tolerance), on CPU and CUDA. A CUDA generator
+    avoids the host-to-device copy of large params (audio noise). No op synchronises host and device.
+    """
+
+    def make_params(self, x: Any, generator: torch.Generator | None) -> Params:
+        """Draw per-sample params (in eval mode: the deterministic ones, no generator needed)."""
+        raise NotImplementedError
+
+    def apply(self, x: Any, params: Params) -> Any:
+        raise NotImplementedError
+
+    def forward(self, x: Any, generator: torch.Generator | None = None, params: Params | None = None,
+                return_params: bool = False):
+        """Draw params (unless given) and apply them; with ``return_params`` return (out, params)."""
+        if params is None:
+            if self.training:
+                generator = need_generator(generator, type(self).__name__)
+            params = self.make_params(x, generator)
+        out = self.apply(x, params)
+        return (out, params) if return_params else out
+
+
+def need_generator(generator: torch.Generator | None, who: str) -> torch.Generator:
+    if generator is None:
+        raise ConfigError(f"{who}: random augmentation needs generator=torch.Generator(); "
+                          "pass one seeded from (seed, epoch), or call .eval() for deterministic transforms")
+    return generator
+
+
+def uniform(generator: torch.Generator, shape: tuple[int, ...], low: float | torch.Tensor = 0.0,
+            high: float | torch.Tensor = 1.0, device: torch.device | None = None) -> torch.Tensor:
+    """U[low, high) of ``shape`` drawn on the generator's device, returned on ``device``."""
+    u = torch.rand(shape, generator=generator, device=generator.device)
+    if device is not None:
+        u = u.to(device, non_blocking=True)
+    return low + (high - low) * u
+
+
+def bernoulli(generator: torch.Generator, shape: tuple[int, ...], p: float,
+              device: torch.device | None = None) -> torch.Tensor:
+    """Bool tensor of ``shape``, True with probability p."""
+    return uniform(generator, shape, device=device) < p
+
+
+def normal(generator: torch.Generator, shape: tuple[int, ...], device: torch.device | None = None) -> torch.Tensor:
+    z = torch.randn(shape, generator=generator, device=generator.device)
+    return z.to(device, non_blocking=True) if device is not None else z
+
+
+def params_to(params: Params, device: torch.device) -> Params:
+    """Move a (nested) params dict to ``device``; used to replay CPU params on CUDA."""
+    out: Params = {}
+    for k, v in params.items():
+        if isinstance(v, dict):
+            out[k] = params_to(v, device)
+        elif isinstance(v, torch.Tensor):
+            out[k] = v.to(device)
+        else:
+            out[k] = v
+    return out
