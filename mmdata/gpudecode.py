@@ -1,0 +1,93 @@
+"""Decode a batch's packed JPEG bytes on the device (nvJPEG on CUDA) and resize them there.
+
+Workers that pass JPEGs undecoded fill ``Batch.image_bytes`` (one uint8 buffer, the batch's files
+concatenated) and ``Batch.image_offsets`` (B+1,); a row with no bytes was either absent or not a JPEG
+and already decoded into ``Batch.image`` by the worker on the CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+
+from .batch import Batch
+from .errors import DecodeError, SchemaError
+
+log = logging.getLogger(__name__)
+
+
+def _resize(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 (N,3,h,w) -> uint8 (N,3,H,W), bilinear with antialiasing."""
+    if tuple(img.shape[-2:]) == tuple(size):
+        return img
+    out = F.interpolate(img.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _decode(datas: list[torch.Tensor], keys: list[str], device: torch.device) -> list[torch.Tensor]:
+    """Decode JPEGs to RGB uint8 (3,h,w) on ``device``; a bad file raises DecodeError naming its key."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        return decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        for data, key in zip(datas, keys):  # find the culprit to name it
+            try:
+                decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+            except RuntimeError as err:
+                raise DecodeError(f"sample {key!r}: its image bytes are not a decodable JPEG ({err}); "
+                                  "rebuild the dataset or turn GPU decode off for it") from None
+        raise
+
+
+def decode_images(batch: Batch, device: torch.device | str) -> Batch:
+    """Return a copy of ``batch`` whose ``image`` is uint8 (B,3,H,W) on ``device``, decoded from its bytes.
+
+    Rows whose ``image_mask`` is False stay zeros; rows with empty bytes keep the worker's CPU-decoded
+    ``image`` row. Images are resized to ``batch.image_size`` (else the size of ``batch.image``, else the
+    common size of the decoded images). A batch without bytes is returned unchanged.
+    """
+    if batch.image_bytes is None:
+        return batch
+    if batch.image_offsets is None:
+        raise SchemaError("batch.image_bytes is set without batch.image_offsets (B+1,); "
+                          "the loader must set both")
+    device = torch.device(device)
+    B = len(batch)
+    offsets = batch.image_offsets.cpu().tolist()  # host ints; on the CPU already when the loader made them
+    if len(offsets) != B + 1:
+        raise SchemaError(f"batch.image_offsets must have B+1={B + 1} entries, got {len(offsets)}")
+    buffer = batch.image_bytes.cpu()  # decode_jpeg reads host memory and writes to ``device``
+    present = [True] * B if batch.image_mask is None else batch.image_mask.cpu().bool().tolist()
+    rows = [i for i in range(B) if present[i] and offsets[i + 1] > offsets[i]]
+    decoded = _decode([buffer[offsets[i]:offsets[i + 1]] for i in rows], [batch.keys[i] for i in rows], device)
+
+    size = batch.image_size or (tuple(batch.image.shape[-2:]) if batch.image is not None else None)
+    if size is None:
+        shapes = {tuple(d.shape[-2:]) for d in decoded}
+        if len(shapes) > 1:
+            raise SchemaError(f"decoded images have sizes {sorted(shapes)} and the batch has no image_size; "
+                              "set image_size in the loader so they can be resized to one size")
+        size = shapes.pop() if shapes else (1, 1)
+    size = (int(size[0]), int(size[1]))
+
+    if batch.image is not None and tuple(batch.image.shape[-2:]) == size:
+        image = batch.image.to(device, non_blocking=True).clone()  # keeps CPU-decoded non-JPEG rows
+    else:
+        image = torch.zeros(B, 3, *size, dtype=torch.uint8, device=device)
+    if rows:
+        # resize images of one source size together: one kernel per distinct size, not per image
+        groups: dict[tuple[int, int], list[int]] = {}
+        for j, d in enumerate(decoded):
+            groups.setdefault(tuple(d.shape[-2:]), []).append(j)
+        for members in groups.values():
+            stacked = torch.stack([decoded[j] for j in members])  # (n,3,h,w)
+            index = torch.tensor([rows[j] for j in members], device=device)
+            image.index_copy_(0, index, _resize(stacked, size))
+    if batch.image_mask is not None:
+        image = image * batch.image_mask.to(device, non_blocking=True).bool().view(-1, 1, 1, 1)
+    log.debug("decoded %d of %d images on %s", len(rows), B, device)
+    return replace(batch, image=image, image_bytes=None, image_offsets=None)

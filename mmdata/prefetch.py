@@ -1,0 +1,93 @@
+"""DevicePrefetcher: copy the next batch to the GPU on a side stream while the current step runs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import fields, replace
+
+import torch
+
+from .batch import Batch
+from .gpudecode import decode_images
+
+Transform = Callable[[Batch], Batch]
+
+
+def _tensors(batch: Batch) -> Iterator[torch.Tensor]:
+    for f in fields(batch):
+        v = getattr(batch, f.name)
+        if isinstance(v, torch.Tensor):
+            yield v
+        elif isinstance(v, dict):
+            yield from (t for t in v.values() if isinstance(t, torch.Tensor))
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    """Copy every tensor but the packed JPEG bytes (decode_jpeg reads them from host memory)."""
+    def move(t: torch.Tensor) -> torch.Tensor:
+        if device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
+            t = t.pin_memory()  # a non_blocking copy is only asynchronous from page-locked memory
+        return t.to(device, non_blocking=True)
+
+    keep = {"image_bytes": batch.image_bytes, "image_offsets": batch.image_offsets}
+    bare = replace(batch, image_bytes=None, image_offsets=None)
+    return replace(bare._map(move), **keep)
+
+
+class DevicePrefetcher:
+    """Iterate ``loader`` yielding batches on ``device``, decoded (packed JPEGs) and transformed.
+
+    On CUDA, batch i+1 is copied on a side stream while the caller's step i runs on the current stream;
+    before batch i+1 is handed out, the current stream waits for the copy and every tensor is marked as
+    used by it (``record_stream``), so the caching allocator never reuses its memory too early. Decode and
+    ``transform`` (e.g. ``functools.partial(pipeline, generator=g)``) then run on the current stream. On
+    the CPU it is a plain iterator doing the same steps. ``len()`` is the loader's.
+    """
+
+    def __init__(self, loader: Iterable[Batch], device: torch.device | str, transform: Transform | None = None,
+                 decode: bool = True):
+        self.loader = loader
+        self.device = torch.device(device)
+        self.transform = transform
+        self.decode = decode
+        self._cuda = self.device.type == "cuda"
+
+    def __len__(self) -> int:
+        return len(self.loader)  # type: ignore[arg-type]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Forward to the loader, when it has ``set_epoch``."""
+        if hasattr(self.loader, "set_epoch"):
+            self.loader.set_epoch(epoch)
+
+    def _finish(self, batch: Batch) -> Batch:
+        if self.decode and batch.image_bytes is not None:
+            batch = decode_images(batch, self.device)
+        return self.transform(batch) if self.transform is not None else batch
+
+    def __iter__(self) -> Iterator[Batch]:
+        if not self._cuda:
+            for batch in self.loader:
+                yield self._finish(_to_device(batch, self.device))
+            return
+        stream = torch.cuda.Stream(device=self.device)
+        it = iter(self.loader)
+
+        def preload() -> Batch | None:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return None
+            with torch.cuda.stream(stream):
+                return _to_device(batch, self.device)
+
+        pending = preload()
+        while pending is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(stream)  # the copy of ``pending`` is done before the step uses it
+            for t in _tensors(pending):
+                if t.device.type == "cuda":
+                    t.record_stream(current)  # allocated on ``stream``, used on ``current``
+            ready = pending
+            pending = preload()  # next copy overlaps with decode/transform and the caller's step
+            yield self._finish(ready)
