@@ -10,6 +10,10 @@ and ``weighting.end_epoch()`` after each epoch (DWA uses it). ``combine(losses)`
 weighted scalar without a backward pass (for evaluation and logging). Gradient methods (GradNorm,
 PCGrad) need ``shared_params``: the parameters every task reaches (``model.shared_parameters()``,
 or for GradNorm ``model.last_shared_parameters()``).
+
+Under ``torch.distributed`` (DDP), ``backward`` averages over ranks what DDP does not see: the
+gradients of the weighting's own parameters, PCGrad's projection correction, GradNorm's weight
+update and DWA's epoch losses, so every rank keeps the same weights. Call ``backward`` on every rank.
 """
 
 from __future__ import annotations
@@ -45,7 +49,14 @@ class Weighting(nn.Module):
         """Backpropagate the weighted total into ``.grad``; return it detached."""
         total = self.combine(losses, shared_params)
         total.backward()
+        self._average_own_grads()
         return total.detach()
+
+    def _average_own_grads(self) -> None:
+        """Average the grads of this module's parameters over ranks (DDP only wraps the model)."""
+        for p in self.parameters():
+            if p.grad is not None:
+                _rank_mean_(p.grad)
 
     def end_epoch(self, epoch_losses: dict[str, float] | None = None) -> None:
         """Hook called after each training epoch; no-op unless the method tracks loss history."""
@@ -143,6 +154,8 @@ class DWA(Weighting):
         if epoch_losses is not None:
             means = torch.tensor([float(epoch_losses[t]) for t in self.tasks], device=self.w.device)
         else:
+            _rank_mean_(self.running)
+            _rank_mean_(self.counts)
             means = self.running / self.counts.clamp_min(1)
         self.history[0] = self.history[1]
         self.history[1] = means
@@ -152,6 +165,16 @@ class DWA(Weighting):
         if int(self.epochs_seen) >= 2:
             r = self.history[1] / self.history[0].clamp_min(1e-12)
             self.w.copy_(len(self.tasks) * torch.softmax(r / self.temperature, dim=0))
+
+
+def _rank_mean_(t: torch.Tensor) -> torch.Tensor:
+    """Average ``t`` in place over torch.distributed ranks (no-op when not initialised); return it."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t
 
 
 def _task_grads(losses: list[torch.Tensor], params: list[nn.Parameter]) -> torch.Tensor:
@@ -203,7 +226,7 @@ class GradNorm(Weighting):
         target = G.mean() * (ratio / ratio.mean()) ** self.alpha  # held constant
         total = self.combine(losses)
         total.backward()
-        grad_w = torch.sign(G - target) * norms  # d/dw_t of |w_t n_t - target_t|
+        grad_w = _rank_mean_(torch.sign(G - target) * norms)  # d/dw_t of |w_t n_t - target_t|
         new = (w - self.lr * grad_w).clamp_min(1e-4)
         self.w[idx] = new
         self.w.mul_(len(self.tasks) / self.w.sum())
@@ -243,7 +266,7 @@ class PCGrad(Weighting):
         grads = _task_grads(present, params)  # (T, P)
         total = self.combine(losses)
         total.backward()  # task-specific params get their plain gradients; shared get sum(grads)
-        correction = self.project(grads).sum(0) - grads.sum(0)  # (P,)
+        correction = _rank_mean_(self.project(grads).sum(0) - grads.sum(0))  # (P,), as DDP averages
         offset = 0
         for p in params:
             n = p.numel()

@@ -162,3 +162,45 @@ def test_make_weighting_rejects_unknown_names_and_options():
         make_weighting("gradnorm", ["a", "b"], temprature=1.0)
     with pytest.raises(ConfigError, match="distinct"):
         make_weighting("equal", ["a", "a"])
+
+
+def _ddp_worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
+    torch.manual_seed(0)  # same initial parameters on every rank, as DDP guarantees
+    x, (y_a, y_b) = two_task_regression(noise=(0.1, 1.0), n=32, seed=rank)  # different data per rank
+    trunk, heads = torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)
+    result = {}
+    for name in ("uncertainty", "gradnorm", "pcgrad", "dwa"):
+        w = make_weighting(name, [Task("a", "regression"), Task("b", "regression")])
+        for p in [*trunk.parameters(), *heads.parameters()]:
+            p.grad = None
+        out = heads(torch.relu(trunk(x)))
+        # task b pulls the same output towards the opposite target: conflicting gradients for PCGrad
+        losses = {"a": (out[:, 0] - y_a).square().mean(), "b": (out[:, 0] + y_b).square().mean()}
+        plain = torch.autograd.grad(sum(losses.values()), list(trunk.parameters()), retain_graph=True)
+        w.backward(losses, list(trunk.parameters()))
+        w.end_epoch()
+        # DWA: a second epoch whose loss ratio differs per rank -> weights from the global means
+        w.combine({"a": losses["a"] * (1 + rank), "b": losses["b"]})
+        w.end_epoch()
+        if name == "pcgrad":  # the projection correction on top of this rank's plain gradient
+            result[name] = torch.cat([(p.grad - g).flatten() for p, g in zip(trunk.parameters(), plain)])
+        elif name == "uncertainty":
+            result[name] = w.log_vars.grad.clone()
+        else:
+            result[name] = torch.tensor(list(w.weights().values()))
+    torch.save(result, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_weighting_state_stays_identical_across_ranks(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert [name for name in r0 if not torch.allclose(r0[name], r1[name], atol=1e-6)] == []
+    assert not torch.allclose(r0["dwa"], torch.ones(2))  # the check is not vacuous
+    assert r0["pcgrad"].abs().sum() > 0
