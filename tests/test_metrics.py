@@ -113,3 +113,45 @@ def test_selection_score_prefers_better_checkpoints():
         selection_score(a, "delta_m")
     with pytest.raises(ConfigError, match="digit/f1"):
         selection_score(a, "digit/f1")
+
+
+def _sync_worker(rank: int, store_path: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    m = MetricSet([DIGIT, SIZE, TAGS])
+    for labels, masks, outputs in _shards()[rank]:
+        m.update(outputs, batch(labels, masks))
+    m.sync()
+    torch.save({f"{t}/{k}": torch.tensor(v) for t, d in m.compute().items() for k, v in d.items()},
+               f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _shards():
+    """Two ranks' batches of unequal sizes: rank 0 has 3 samples, rank 1 has 2."""
+    g = torch.Generator().manual_seed(0)
+
+    def part(n):
+        labels = {"digit": torch.randint(0, 3, (n,), generator=g), "size": torch.randn(n, 2, generator=g),
+                  "tags": (torch.rand(n, 2, generator=g) > 0.5).float()}
+        outputs = {"digit": torch.randn(n, 3, generator=g), "size": torch.randn(n, 2, generator=g),
+                   "tags": torch.randn(n, 2, generator=g)}
+        return labels, {"digit": [1] * n, "size": [1] * n, "tags": [1] * n}, outputs
+
+    return [[part(3)], [part(2)]]
+
+
+@pytest.mark.timeout(120)
+def test_sync_over_ranks_equals_one_process_over_all_samples(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_sync_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    single = MetricSet([DIGIT, SIZE, TAGS])
+    for shard in _shards():
+        for labels, masks, outputs in shard:
+            single.update(outputs, batch(labels, masks))
+    want = flatten(single.compute())
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert {k: pytest.approx(float(v)) for k, v in got.items()} == want
