@@ -151,12 +151,13 @@ class DWA(Weighting):
 
     def end_epoch(self, epoch_losses: dict[str, float] | None = None) -> None:
         """Close an epoch with its mean task losses (given, or accumulated by ``combine``)."""
-        if epoch_losses is not None:
-            means = torch.tensor([float(epoch_losses[t]) for t in self.tasks], device=self.w.device)
-        else:
-            _rank_mean_(self.running)
-            _rank_mean_(self.counts)
-            means = self.running / self.counts.clamp_min(1)
+        _rank_mean_(self.running)
+        _rank_mean_(self.counts)
+        means = self.running / self.counts.clamp_min(1)
+        if epoch_losses:  # given means win; tasks they leave out keep the accumulated ones
+            given = [t in epoch_losses for t in self.tasks]
+            values = torch.tensor([float(epoch_losses.get(t, 0.0)) for t in self.tasks], device=self.w.device)
+            means = torch.where(torch.tensor(given, device=self.w.device), _rank_mean_(values), means)
         self.history[0] = self.history[1]
         self.history[1] = means
         self.epochs_seen += 1
