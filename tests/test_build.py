@@ -208,3 +208,23 @@ def test_sample_data_manifest_and_folders_agree(tmp_path):
     assert (tmp_path / "f" / "tokenizer" / "tokenizer.json").is_file()
     index = pq.read_table(tmp_path / "f" / "index.parquet")
     assert np.all(np.asarray(index.column("audio_seconds").to_pylist()) > 0)
+
+
+def test_split_writer_matches_the_shared_shard_writer(tmp_path):
+    from mmdata.build.media import Encoded
+    from mmdata.build.shards import SplitWriter, sample_block
+    from mmdata.format import ShardWriter
+
+    samples = [(f"k{i}", {"png": bytes([i]) * (100 * i + 1), "txt": f"t{i}".encode(), "json": b"{}"})
+               for i in range(30)]
+    buf = io.BytesIO()
+    ref = ShardWriter(buf)
+    offsets = [ref.add(k, m) for k, m in samples]
+    nbytes, sha = ref.close()
+    w = SplitWriter(tmp_path, "train", max_samples=100, max_bytes=1 << 30)
+    for k, m in samples:
+        assert w.add(Encoded(k, k, {}, {}, exts=tuple(m), block=sample_block(k, m))) is None
+    done = w.close()
+    assert (tmp_path / "train-000000.tar").read_bytes() == buf.getvalue()
+    assert (done.info.bytes, done.info.sha256) == (nbytes, sha)
+    assert [(r["offset"], r["size"]) for r in done.rows] == offsets

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
 import math
 import os
+import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,27 +75,32 @@ def resolve_tasks(raws: list[RawRecord], config: BuildConfig) -> tuple[Task, ...
     return tuple(tasks)
 
 
-def align(raws: list[RawRecord], root: Path, tasks: tuple[Task, ...],
-          config: BuildConfig) -> tuple[list[Record], list[Reject]]:
-    """Check every raw record; return accepted records (with unique keys) and rejects, in input order."""
+def align(raws: list[RawRecord], root: Path, tasks: tuple[Task, ...], config: BuildConfig,
+          map_fn: Callable = map) -> tuple[list[Record], list[Reject]]:
+    """Check every raw record; return accepted records (with unique keys) and rejects, in input order.
+
+    ``map_fn`` is an order-keeping map (a process pool's imap) that runs the per-record checks.
+    """
     real_root = Path(os.path.realpath(root))
     seen: set[str] = set()
-    records: list[Record] = []
+    unique: list[RawRecord] = []
     rejects: list[Reject] = []
     for raw in raws:
-        paths = tuple(raw.paths)
         if raw.source_id in seen:
-            rejects.append(Reject(raw.source_id, paths, "duplicate_id",
+            rejects.append(Reject(raw.source_id, tuple(raw.paths), "duplicate_id",
                                   f"id {raw.source_id!r} appears more than once; the first one is kept"))
             continue
         seen.add(raw.source_id)
-        out = check_record(raw, real_root, tasks, config)
+        unique.append(raw)
+    records: list[Record] = []
+    for out in map_fn(functools.partial(check_record, real_root=real_root, tasks=tasks, config=config), unique):
         (rejects if isinstance(out, Reject) else records).append(out)
     assign_keys(records)
     return records, rejects
 
 
-def check_record(raw: RawRecord, real_root: Path, tasks: tuple[Task, ...], config: BuildConfig) -> Record | Reject:
+def check_record(raw: RawRecord, *, real_root: Path, tasks: tuple[Task, ...], config: BuildConfig) -> Record | Reject:
+    """Check one record's modalities, paths, sizes and labels (no decoding beyond the audio header)."""
     paths = tuple(raw.paths)
 
     def reject(reason: str, message: str) -> Reject:
@@ -144,23 +152,47 @@ def _locate(rel: str, real_root: Path) -> tuple[Path, tuple[str, str] | None]:
         return real_root, ("unreadable", "empty path")
     if os.path.isabs(rel) or Path(rel).drive:
         return real_root, ("outside_root", f"{rel!r} is an absolute path; give paths relative to the source root")
-    target = Path(os.path.realpath(real_root / rel))
-    if target != real_root and real_root not in target.parents:
-        return real_root, ("outside_root", f"{rel!r} resolves to {str(target)!r}, outside the source root "
-                           f"{str(real_root)!r}; copy the file inside the root")
-    if not target.is_file():
-        return target, ("unreadable", f"{rel!r} does not exist or is not a file")
-    return target, None
+    joined = os.path.join(real_root, rel)
+    # realpath of the folder (cached: a sample's files share it), then of the file only if it is a link
+    parent, name = os.path.split(os.path.normpath(joined))
+    target = os.path.join(_realdir(parent), name)
+    if os.path.islink(target):
+        target = os.path.realpath(target)
+    root_s = str(real_root)
+    if not (target.startswith(root_s + os.sep) or target == root_s):
+        return real_root, ("outside_root", f"{rel!r} resolves to {target!r}, outside the source root "
+                           f"{root_s!r}; copy the file inside the root")
+    try:
+        st = os.stat(target)
+    except OSError:
+        st = None
+    if st is None or not stat.S_ISREG(st.st_mode):
+        return Path(target), ("unreadable", f"{rel!r} does not exist or is not a file")
+    return Path(target), None
+
+
+@functools.lru_cache(maxsize=4096)
+def _realdir(path: str) -> str:
+    return os.path.realpath(path)
 
 
 def _probe_rate(ref: MediaRef) -> int | None:
     """Native sample rate from the audio header, or None when soundfile cannot read it."""
     import soundfile as sf
 
+    if ref.ext == "wav":  # a RIFF header is 12 + 24 bytes away: no need for libsndfile
+        head = ref.data[:64] if ref.data is not None else _head(ref.path)
+        if head[:4] == b"RIFF" and head[8:12] == b"WAVE" and head[12:16] == b"fmt ":
+            return int.from_bytes(head[24:28], "little")
     try:
         return int(sf.info(io.BytesIO(ref.data) if ref.data is not None else ref.path).samplerate)
     except Exception:  # noqa: BLE001 - any failure is the encoder's to report as a reject
         return None
+
+
+def _head(path: str | None) -> bytes:
+    with open(path or "", "rb") as f:
+        return f.read(64)
 
 
 def assign_keys(records: list[Record]) -> None:

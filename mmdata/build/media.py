@@ -37,8 +37,10 @@ class Encoded:
 
     key: str
     source_id: str
-    members: dict[str, bytes]  # ext -> bytes, "json" included
+    members: dict[str, bytes]  # ext -> bytes, "json" included; emptied once packed into block
     labels: dict[str, Any]
+    exts: tuple[str, ...] = ()
+    block: bytes = b""  # the sample's tar members (shards.sample_block)
     image_width: int | None = None
     image_height: int | None = None
     audio_seconds: float | None = None
@@ -142,7 +144,15 @@ def encode_audio(data: bytes, ext: str, s: MediaSettings) -> tuple[str, bytes, f
     import soundfile as sf
 
     if ext == "wav":
-        _check_wav_complete(data)
+        fmt = wav_format(data)
+        if fmt and ext == s.audio_format and fmt[:2] == (s.sample_rate, s.channels) and fmt[2] == 1 and fmt[3] == 16:
+            frames = fmt[4]
+            if frames == 0:
+                raise MediaReject("empty_file", "audio has no samples")
+            if frames / fmt[0] > s.max_audio_seconds:
+                raise MediaReject("too_large", f"audio lasts {frames / fmt[0]:.1f} s > max_audio_seconds "
+                                  f"{s.max_audio_seconds}; raise max_audio_seconds to keep it")
+            return ext, data, frames / fmt[0]  # complete 16-bit PCM already in the stored form: keep it
     try:
         info = sf.info(io.BytesIO(data))
         rate, frames, channels = int(info.samplerate), int(info.frames), int(info.channels)
@@ -201,18 +211,25 @@ def _librosa_decode(data: bytes) -> tuple[np.ndarray, int]:
     return y, int(rate)
 
 
-def _check_wav_complete(data: bytes) -> None:
-    """libsndfile quietly reads a truncated WAV; compare the data chunk's declared size with what is there."""
-    if len(data) < 12 or data[:4] not in (b"RIFF", b"RF64") or data[8:12] != b"WAVE":
-        return  # not RIFF/WAVE: let the decoder judge it
-    pos = 12
+def wav_format(data: bytes) -> tuple[int, int, int, int, int] | None:
+    """(rate, channels, format tag, bits, frames) of a complete RIFF/WAVE file; None when it is not one.
+
+    Raises MediaReject for a truncated file (libsndfile would quietly read what is there).
+    """
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return None
+    pos, fmt = 12, None
     while pos + 8 <= len(data):
         cid, size = data[pos:pos + 4], struct.unpack("<I", data[pos + 4:pos + 8])[0]
-        if cid == b"data":
-            if size != 0xFFFFFFFF and pos + 8 + size > len(data):
+        if cid == b"fmt " and size >= 16:
+            fmt = struct.unpack("<HHIIHH", data[pos + 8:pos + 24])  # tag, channels, rate, byte rate, align, bits
+        elif cid == b"data":
+            if pos + 8 + size > len(data):
                 raise MediaReject("unreadable", f"WAV is truncated: data chunk declares {size} bytes, "
                                   f"{len(data) - pos - 8} present")
-            return
+            if fmt is None or fmt[4] == 0:
+                return None
+            return fmt[2], fmt[1], fmt[0], fmt[5], size // fmt[4]
         pos += 8 + size + (size & 1)
     raise MediaReject("unreadable", "WAV has no data chunk")
 

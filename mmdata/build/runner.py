@@ -22,7 +22,7 @@ from .align import Record, Reject, align, resolve_tasks
 from .config import BuildConfig
 from .discover import discover
 from .media import Encoded, MediaSettings, encode_record
-from .shards import TMP_SUFFIX, ShardDone, SplitWriter, file_sha256
+from .shards import TMP_SUFFIX, ShardDone, SplitWriter, file_sha256, sample_block
 from .splits import assign_splits, shuffled, split_sort_key
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,17 @@ def build_dataset(source: str | Path, out: str | Path, config: BuildConfig | Non
     root, layout, raws = discover(source, layout, config)
     log.info("discovered %d records (%s layout) under %s", len(raws), layout, root)
     tasks = resolve_tasks(raws, config)
-    records, rejects = align(raws, root, tasks, config)
+    pool = _Pool(config.num_workers, len(raws))
+    try:
+        return _build(raws, root, layout, tasks, out, config, pool, overwrite=overwrite, resume=resume,
+                      progress=progress)
+    finally:
+        pool.close()
+
+
+def _build(raws, root: Path, layout: str, tasks: tuple[Task, ...], out: Path, config: BuildConfig, pool: _Pool,
+           *, overwrite: bool, resume: bool, progress: bool) -> Card:
+    records, rejects = align(raws, root, tasks, config, map_fn=pool.map)
     settings = _media_settings(records, config)
     split_of = assign_splits(records, config)
     resolved = config.to_dict()
@@ -65,13 +75,13 @@ def build_dataset(source: str | Path, out: str | Path, config: BuildConfig | Non
     from tqdm import tqdm
 
     bar = tqdm(total=todo, unit="rec", desc="build", disable=not progress, dynamic_ncols=True)
-    with open(out / JOURNAL, "a", encoding="utf-8") as jf, _Encoder(config.num_workers, todo) as encoder:
+    with open(out / JOURNAL, "a", encoding="utf-8") as jf:
         for split in split_names:
             order = orders[split]
             writer = SplitWriter(out, split, config.max_samples, config.max_bytes, first_index=len(done[split]))
             pending: list[Reject] = []
             jobs = ((by_key[k], settings) for k in order[consumed[split]:])
-            for pos, result in enumerate(encoder.map(jobs), consumed[split]):
+            for pos, result in enumerate(pool.map(encode_and_pack, jobs), consumed[split]):
                 bar.update(1)
                 if isinstance(result, Reject):
                     pending.append(result)
@@ -88,30 +98,36 @@ def build_dataset(source: str | Path, out: str | Path, config: BuildConfig | Non
                 done[split].append(closed)
             rejects += pending
     bar.close()
-    card = _finish(out, config, resolved, tasks, settings, done, rejects, len(raws))
-    return card
+    return _finish(out, config, resolved, tasks, settings, done, rejects, len(raws))
 
 
-class _Encoder:
-    """encode_record over jobs, in order, in a fork pool (or in-process for one worker or few jobs)."""
+class _Pool:
+    """An order-keeping map over a fork process pool (in-process for one worker or a few records)."""
 
     def __init__(self, workers: int, jobs: int):
         self.pool = None
         if workers > 1 and jobs > 32:
             self.pool = multiprocessing.get_context("fork").Pool(workers)
 
-    def map(self, jobs) -> Iterator[Encoded | Reject]:
+    def map(self, fn, jobs) -> Iterator:
         if self.pool is None:
-            return map(encode_record, jobs)
-        return self.pool.imap(encode_record, jobs, chunksize=8)
+            return map(fn, jobs)
+        return self.pool.imap(fn, jobs, chunksize=16)
 
-    def __enter__(self) -> _Encoder:
-        return self
-
-    def __exit__(self, *exc) -> None:
+    def close(self) -> None:
         if self.pool is not None:
-            self.pool.terminate() if exc[0] else self.pool.close()
+            self.pool.terminate()
             self.pool.join()
+
+
+def encode_and_pack(job: tuple[Record, MediaSettings]) -> Encoded | Reject:
+    """encode_record, then the sample's tar bytes (so the main process only appends them)."""
+    res = encode_record(job)
+    if isinstance(res, Encoded):
+        res.exts = tuple(sorted(res.members))
+        res.block = sample_block(res.key, res.members)
+        res.members = {}
+    return res
 
 
 def _media_settings(records: list[Record], config: BuildConfig) -> MediaSettings:

@@ -4,21 +4,33 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..card import ShardInfo
-from ..format import BLOCK, ShardWriter, modality_of, shard_name
+from ..format import BLOCK, KEY_RE, MEMBER_ORDER, modality_of, shard_name
 from .media import Encoded
 
 RECORD = BLOCK * 20  # tarfile pads an archive to a multiple of 20 blocks
 TMP_SUFFIX = ".partial"  # a shard being written: never a name that ends in .tar
 
 
-def member_bytes(members: dict[str, bytes]) -> int:
-    """Bytes a sample takes in a tar: one header block per member plus its data padded to blocks."""
-    return sum(BLOCK + -(-len(b) // BLOCK) * BLOCK for b in members.values())
+def sample_block(key: str, members: dict[str, bytes]) -> bytes:
+    """A sample's tar members as bytes, exactly as mmdata.format.ShardWriter writes them (built in a worker)."""
+    if not KEY_RE.match(key):
+        raise ValueError(f"key must match {KEY_RE.pattern}, got {key!r}")
+    parts = []
+    for ext in sorted(members, key=lambda e: (MEMBER_ORDER.index(e) if e in MEMBER_ORDER else 99, e)):
+        data = members[ext]
+        info = tarfile.TarInfo(f"{key}.{ext}")
+        info.size, info.mtime, info.mode = len(data), 0, 0o644
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        parts += [info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape"), data,
+                  b"\0" * (-len(data) % BLOCK)]
+    return b"".join(parts)
 
 
 def archive_bytes(payload: int) -> int:
@@ -28,12 +40,12 @@ def archive_bytes(payload: int) -> int:
 
 def index_row(enc: Encoded, split: str, shard: str, offset: int, size: int) -> dict[str, Any]:
     """One index.parquet row (labels under their task names; the runner prefixes them)."""
-    modalities = sorted({m for m in (modality_of(e) for e in enc.members) if m})
+    modalities = sorted({m for m in (modality_of(e) for e in enc.exts) if m})
     return {
         "key": enc.key, "split": split, "shard": shard, "offset": offset, "size": size,
         "modalities": modalities, "image_width": enc.image_width, "image_height": enc.image_height,
         "audio_seconds": enc.audio_seconds, "text_chars": enc.text_chars, "source_id": enc.source_id,
-        "labels": enc.labels, "exts": sorted(enc.members),
+        "labels": enc.labels, "exts": sorted(enc.exts),
     }
 
 
@@ -47,15 +59,19 @@ class ShardDone:
 
 
 class SplitWriter:
-    """Write one split's samples to ``{split}-NNNNNN.tar``, cutting by samples and bytes."""
+    """Write one split's sample blocks to ``{split}-NNNNNN.tar``, cutting by samples and bytes.
+
+    The bytes equal what mmdata.format.ShardWriter writes (tested); the tar headers are made in the
+    workers (sample_block) so that the main process only appends and hashes.
+    """
 
     def __init__(self, out: Path, split: str, max_samples: int, max_bytes: int, first_index: int = 0):
         self.out, self.split = out, split
         self.max_samples, self.max_bytes = max_samples, max_bytes
         self.index = first_index
         self._file = None
-        self._writer: ShardWriter | None = None
-        self._payload = 0
+        self._sha = hashlib.sha256()
+        self._pos = 0
         self._rows: list[dict[str, Any]] = []
         self._texts: list[str] = []
 
@@ -66,38 +82,37 @@ class SplitWriter:
     def add(self, enc: Encoded) -> ShardDone | None:
         """Append a sample; return the shard this closed first, when the sample did not fit in it."""
         done = None
-        size = member_bytes(enc.members)
-        if self._writer is not None and (
-            len(self._rows) >= self.max_samples or archive_bytes(self._payload + size) > self.max_bytes
+        size = len(enc.block)
+        if self._file is not None and (
+            len(self._rows) >= self.max_samples or archive_bytes(self._pos + size) > self.max_bytes
         ):
             done = self.close()
-        if self._writer is None:
-            self._open()
-        offset, nbytes = self._writer.add(enc.key, enc.members)
-        self._payload += size
-        self._rows.append(index_row(enc, self.split, self.name, offset, nbytes))
+        if self._file is None:
+            self._file = open(self.out / (self.name + TMP_SUFFIX), "wb")
+        self._file.write(enc.block)
+        self._sha.update(enc.block)
+        self._rows.append(index_row(enc, self.split, self.name, self._pos, size))
+        self._pos += size
         if enc.text is not None:
             self._texts.append(enc.text)
         return done
 
     def close(self) -> ShardDone | None:
-        """Finish the open shard (if any): flush, fsync, rename from its temporary name."""
-        if self._writer is None:
+        """Finish the open shard (if any): end blocks, fsync, rename from its temporary name."""
+        if self._file is None:
             return None
-        nbytes, sha = self._writer.close()
+        tail = b"\0" * (archive_bytes(self._pos) - self._pos)  # two zero blocks, padded to a record
+        self._file.write(tail)
+        self._sha.update(tail)
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        final = self.out / self.name
-        os.replace(self.out / (self.name + TMP_SUFFIX), final)
-        done = ShardDone(ShardInfo(self.name, len(self._rows), nbytes, sha), self._rows, self._texts)
-        self._writer, self._file, self._payload, self._rows, self._texts = None, None, 0, [], []
+        os.replace(self.out / (self.name + TMP_SUFFIX), self.out / self.name)
+        info = ShardInfo(self.name, len(self._rows), self._pos + len(tail), self._sha.hexdigest())
+        done = ShardDone(info, self._rows, self._texts)
+        self._file, self._sha, self._pos, self._rows, self._texts = None, hashlib.sha256(), 0, [], []
         self.index += 1
         return done
-
-    def _open(self) -> None:
-        self._file = open(self.out / (self.name + TMP_SUFFIX), "wb")
-        self._writer = ShardWriter(self._file)
 
 
 def file_sha256(path: Path) -> str:

@@ -1,0 +1,86 @@
+"""Benchmark `mmdata build` against `tar -cf` of the same raw folder: samples/s, MB/s and the ratio.
+
+    python tools/bench_build.py --source /work/shared/data/avmnist-dev --runs 3
+
+Three timings, each the median of --runs runs after one warm-up (page cache warm for all):
+  tar        `tar -cf OUT.tar -C SOURCE .`
+  pack-only  mmdata build keeping image and WAV bytes (audio_format=wav at the native rate), no tokenizer
+  flac-16k   mmdata build re-encoding audio to FLAC resampled to 16 kHz (plus the tokenizer)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mmdata.build import BuildConfig, build_dataset  # noqa: E402
+
+DEFAULT_SOURCE = "/work/shared/data/avmnist-dev"
+
+
+def time_runs(fn, runs: int) -> list[float]:
+    fn()  # warm-up: page cache, imports, pool start
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def folder_bytes(source: Path) -> int:
+    return sum(p.stat().st_size for p in source.rglob("*") if p.is_file())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--source", default=DEFAULT_SOURCE, help="raw folder (folders layout) to build")
+    p.add_argument("--runs", type=int, default=3, help="timed runs per method (median reported)")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="build worker processes")
+    args = p.parse_args(argv)
+    source = Path(args.source)
+    if not source.is_dir():
+        print(f"bench_build: source {source} is not a folder; pass --source", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_build_"))
+    try:
+        def tar():
+            subprocess.run(["tar", "-cf", str(tmp / "raw.tar"), "-C", str(source), "."], check=True)
+
+        def build(config: BuildConfig, name: str):
+            def run():
+                return build_dataset(source, tmp / name, config, overwrite=True, progress=False)
+            return run
+
+        pack = BuildConfig(audio_format="wav", tokenizer_vocab=0, workers=args.workers)
+        flac = BuildConfig(audio_format="flac", sample_rate=16000, workers=args.workers)
+        card = build(pack, "pack")()
+        samples, in_mb = card.counts["written"], folder_bytes(source) / 1e6
+        results = {"tar -cf": time_runs(tar, args.runs),
+                   "pack-only": time_runs(build(pack, "pack"), args.runs),
+                   "flac-16k": time_runs(build(flac, "flac"), args.runs)}
+        base = statistics.median(results["tar -cf"])
+        print(f"source {source}: {samples} samples, {in_mb:.1f} MB, {args.workers} workers, "
+              f"median of {args.runs} runs")
+        print(f"{'method':<10} {'seconds':>8} {'samples/s':>10} {'MB/s':>8} {'x tar':>6}")
+        for name, times in results.items():
+            t = statistics.median(times)
+            print(f"{name:<10} {t:8.3f} {samples / t:10.0f} {in_mb / t:8.1f} {t / base:6.2f}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
