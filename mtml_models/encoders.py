@@ -96,9 +96,11 @@ class AudioCNN(nn.Module):
     conv (as the conv's own zero padding would be), norms are per frame, and pooling is masked.
     """
 
-    def __init__(self, dim: int, n_mels: int, width: int = 64, depth: int = 3):
+    def __init__(self, dim: int, n_mels: int, width: int = 64, depth: int = 3, frames: int | None = None):
         super().__init__()
-        self.n_mels = n_mels
+        if frames is not None and frames < 2:
+            raise ConfigError(f"model.audio.frames must be at least 2 (or null to keep every frame), got {frames}")
+        self.n_mels, self.frames = n_mels, frames
         self.convs = nn.ModuleList()
         self.norms = nn.ModuleList()
         c_in = n_mels
@@ -124,6 +126,8 @@ class AudioCNN(nn.Module):
         # Absent samples get length 1 of zeros, so nothing of theirs is read and no division by 0.
         lengths = torch.where(mask, lengths.clamp(1, T), torch.ones_like(lengths))
         x = audio
+        if self.frames is not None:
+            x, lengths = _warp_time(x, lengths, self.frames), torch.full_like(lengths, self.frames)
         for conv, norm in zip(self.convs, self.norms):
             x = torch.where(self._valid(x, lengths) & mask[:, None, None], x, 0.0)  # (B, C, T)
             x = self.act(norm(conv(x)))
@@ -139,6 +143,22 @@ class AudioCNN(nn.Module):
     def _valid(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """(B, 1, T) True on the frames of x (B, C, T) within each sample's length."""
         return (torch.arange(x.shape[-1], device=x.device) < lengths[:, None])[:, None, :]
+
+
+def _warp_time(x: torch.Tensor, lengths: torch.Tensor, frames: int) -> torch.Tensor:
+    """Linearly resample each sample's valid frames of x (B, C, T) to ``frames`` frames: (B, C, frames).
+
+    A slow and a fast utterance of the same word then line up frame by frame, as the fixed-length
+    log-mel of the linear baseline does; nothing past a sample's length is read.
+    """
+    B, C, _ = x.shape
+    last = (lengths - 1).clamp_min(0).to(x.dtype)  # (B,)
+    pos = torch.linspace(0, 1, frames, device=x.device, dtype=x.dtype)[None] * last[:, None]  # (B, N)
+    lo = pos.floor().long()
+    hi = torch.minimum(lo + 1, (lengths - 1).clamp_min(0)[:, None])
+    w = (pos - lo.to(x.dtype))[:, None, :]  # (B, 1, N)
+    take = lambda idx: x.gather(2, idx[:, None, :].expand(B, C, frames))  # noqa: E731
+    return take(lo) * (1 - w) + take(hi) * w
 
 
 class TextBag(nn.Module):
@@ -206,7 +226,7 @@ def build_encoder(modality: str, cfg: ImageConfig | AudioConfig | TextConfig, di
         raise ConfigError(f"model.image.kind must be 'cnn' or 'resnet18', got {cfg.kind!r}")
     if modality == "audio":
         if cfg.kind == "cnn":
-            return AudioCNN(dim, n_mels=cfg.n_mels, width=cfg.width, depth=cfg.depth)
+            return AudioCNN(dim, n_mels=cfg.n_mels, width=cfg.width, depth=cfg.depth, frames=cfg.frames)
         raise ConfigError(f"model.audio.kind must be 'cnn', got {cfg.kind!r}")
     if modality == "text":
         if not cfg.vocab_size or cfg.vocab_size < 1:

@@ -33,6 +33,7 @@ class AudioConfig:
     n_mels: int = 64  # must match the augmentation pipeline's mel bands
     width: int = 64
     depth: int = 3
+    frames: int | None = None  # resample each clip's valid frames to this many (speaking-rate invariance)
 
 
 @dataclass(frozen=True)

@@ -298,3 +298,22 @@ def test_fusion_module_alone_ignores_nan_in_absent_features(fusion):
     with torch.no_grad():
         clean, poisoned = model.fusion(feats, masks), model.fusion(nan, masks)
     assert torch.isfinite(clean).all() and torch.equal(clean, poisoned)
+
+
+def test_time_warped_audio_ignores_speaking_rate_and_padding():
+    from mtml_models.encoders import AudioCNN
+
+    torch.manual_seed(0)
+    enc = AudioCNN(16, n_mels=8, width=8, depth=2, frames=12).eval()
+    slow = torch.nn.functional.interpolate(torch.randn(1, 8, 5), size=40, mode="linear", align_corners=True)
+    fast = torch.nn.functional.interpolate(slow, size=20, mode="linear", align_corners=True)  # same word, 2x rate
+    batch = torch.zeros(2, 8, 50)
+    batch[0, :, :40], batch[1, :, :20] = slow[0], fast[0]
+    batch[1, :, 20:] = float("nan")  # padding is never read
+    z, _ = enc(batch, torch.tensor([40, 20]), torch.tensor([True, True]))
+    assert torch.isfinite(z).all()
+    assert torch.allclose(z[0], z[1], atol=0.05 * float(z[0].abs().max()))
+    plain = AudioCNN(16, n_mels=8, width=8, depth=2).eval()
+    plain.load_state_dict(enc.state_dict())
+    zp, _ = plain(batch.nan_to_num(0.0), torch.tensor([40, 20]), torch.tensor([True, True]))
+    assert not torch.allclose(zp[0], zp[1], atol=0.05 * float(zp[0].abs().max()))
