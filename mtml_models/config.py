@@ -46,7 +46,7 @@ class TrainConfig:
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     weighting: dict[str, Any] = field(default_factory=lambda: {"name": "equal"})
-    select: str = "delta_m"  # "delta_m" or "<task>.<metric>", e.g. "digit.accuracy"
+    select: str = "delta_m"  # "delta_m" or "<task>/<metric>", e.g. "digit/accuracy"
     seed: int = 0
 
     @classmethod
