@@ -29,8 +29,8 @@ def read_tar_samples(path: Path) -> dict[str, dict[str, bytes]]:
 
 
 def output_files(out: Path) -> dict[str, bytes]:
-    """Every output file except the tokenizer (trained by the `tokenizers` library, not reproducible)."""
-    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+    """Every output file, the tokenizer included."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
 
 def test_folders_build_round_trips_every_sample(raw_folders, tmp_path):
