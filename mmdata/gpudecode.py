@@ -61,8 +61,7 @@ def decode_images(batch: Batch, device: torch.device | str) -> Batch:
     if len(offsets) != B + 1:
         raise SchemaError(f"batch.image_offsets must have B+1={B + 1} entries, got {len(offsets)}")
     buffer = batch.image_bytes.cpu()  # decode_jpeg reads host memory and writes to ``device``
-    present = [True] * B if batch.image_mask is None else batch.image_mask.cpu().bool().tolist()
-    rows = [i for i in range(B) if present[i] and offsets[i + 1] > offsets[i]]
+    rows = [i for i in range(B) if offsets[i + 1] > offsets[i]]  # absent rows have no bytes (and are masked)
     decoded = _decode([buffer[offsets[i]:offsets[i + 1]] for i in rows], [batch.keys[i] for i in rows], device)
 
     size = batch.image_size or (tuple(batch.image.shape[-2:]) if batch.image is not None else None)
@@ -85,7 +84,7 @@ def decode_images(batch: Batch, device: torch.device | str) -> Batch:
             groups.setdefault(tuple(d.shape[-2:]), []).append(j)
         for members in groups.values():
             stacked = torch.stack([decoded[j] for j in members])  # (n,3,h,w)
-            index = torch.tensor([rows[j] for j in members], device=device)
+            index = torch.tensor([rows[j] for j in members]).to(device, non_blocking=True)
             image.index_copy_(0, index, _resize(stacked, size))
     if batch.image_mask is not None:
         image = image * batch.image_mask.to(device, non_blocking=True).bool().view(-1, 1, 1, 1)

@@ -138,8 +138,8 @@ class ModalityDropout(Op):
             return {"drop": torch.zeros(B, len(MODALITIES), dtype=torch.bool, device=dev)}
         present = torch.stack([_mask(batch, m).to(dev) if batch.mask(m) is not None
                                else torch.zeros(B, dtype=torch.bool, device=dev) for m in MODALITIES], 1)
-        p = torch.tensor(self.p, device=dev)
-        drop = (uniform(generator, (B, len(MODALITIES)), device=dev) < p) & present  # (B,3)
+        u = uniform(generator, (B, len(MODALITIES)), device=dev)
+        drop = torch.stack([u[:, i] < p for i, p in enumerate(self.p)], 1) & present  # (B,3)
         score = torch.where(present, uniform(generator, (B, len(MODALITIES)), device=dev), -1.0)
         rescue = F.one_hot(score.argmax(1), len(MODALITIES)).bool()  # a random present modality
         lost_all = present.any(1) & ~(present & ~drop).any(1)

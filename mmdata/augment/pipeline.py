@@ -67,11 +67,12 @@ class Pipeline(Op):
         tokens = self._tokens_in(batch)
         if tokens is not None:
             params["text"] = self.text.make_params(tokens, generator)
-        if self.training:
+        if self.training and self.cfg.mix.mixing:
             like = batch
             if batch.image is not None:  # the mix sees the output image size; a stride-0 stand-in, no data
                 like = replace(batch, image=torch.zeros((), device=dev).expand(B, 3, *self.cfg.image.size))
             params["mix"] = self.mix.make_params(like, generator)
+        if self.training and max(self.dropout.p) > 0:
             params["dropout"] = self.dropout.make_params(batch, generator)
         return params
 
