@@ -163,6 +163,14 @@ def test_none_modalities_stay_none():
     assert Pipeline()(only_text, generator=gen()).image is None  # no sample rate needed without audio
 
 
+def test_never_touches_the_global_rng():
+    aug = pipeline(mix={**MIX, "modality_dropout": 0.3}, text={"mask_p": 0.3, "delete_p": 0.2}, image={"blur_p": 0.5})
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    aug(make_batch(), generator=gen())
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_pickles_and_gives_the_same_result():
     aug = pipeline(mix=MIX)
     clone = pickle.loads(pickle.dumps(aug))
@@ -344,3 +352,18 @@ def test_cuda_generator_per_sample_and_replay():
     o2 = aug(b, generator=gen(1, "cuda"))
     assert_batches_equal(o1, o2)
     assert not torch.allclose(o1.image[0], o1.image[1])
+
+
+@pytest.mark.gpu
+def test_no_host_device_sync_inside():
+    aug = pipeline(mix={**MIX, "modality_dropout": 0.3}, text={"mask_p": 0.3, "delete_p": 0.2},
+                   image={"blur_p": 0.5}).cuda()
+    b = make_batch(8, device="cuda")
+    g = gen(0, "cuda")
+    aug(b, generator=g)  # warm-up: lazy init may sync once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        aug(b, generator=g)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -169,7 +169,7 @@ class GaussianBlur(Op):
         t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)  # (k,)
         sigma = params["sigma"].to(x.dtype).view(B, 1)
         kern = torch.exp(-(t**2) / (2 * sigma**2))
-        kern = (kern / kern.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (B*C, k)
+        kern = (kern / kern.sum(1, keepdim=True)).unsqueeze(1).expand(B, C, self.k).reshape(B * C, self.k)
         y = F.pad(x.reshape(1, B * C, H, W), (r, r, r, r), mode="replicate")
         y = F.conv2d(y, kern.view(B * C, 1, 1, self.k), groups=B * C)
         y = F.conv2d(y, kern.view(B * C, 1, self.k, 1), groups=B * C).view(B, C, H, W)

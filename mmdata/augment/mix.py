@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 
 from ..batch import MODALITIES, Batch
 from ..errors import ConfigError
@@ -49,7 +48,7 @@ class Mix(Op):
         if not self.training or not cfg.mixing:
             return {"perm": torch.arange(B, device=dev), "lam": torch.ones(B, device=dev),
                     "box": torch.zeros(B, 4, dtype=torch.long, device=dev)}
-        perm = torch.randperm(B, generator=generator, device=generator.device).to(dev)
+        perm = uniform(generator, (B,), device=dev).argsort()  # a random permutation, sync-free on CUDA
         mixed = bernoulli(generator, (B,), cfg.p, device=dev)
         has_image = batch.image is not None and batch.image.dim() == 4
         cut_p = (cfg.cutmix_p if cfg.mixup_alpha > 0 else 1.0) if cfg.cutmix_alpha > 0 and has_image else 0.0
@@ -113,7 +112,7 @@ class Mix(Op):
             if task not in self.classes:
                 raise ConfigError(f"mixup of task {task!r} needs its number of classes; "
                                   "build the Pipeline with tasks=card.tasks")
-            y = F.one_hot(y.long().clamp(0, self.classes[task] - 1), self.classes[task]).float()
+            y = _one_hot(y.long().clamp(0, self.classes[task] - 1), self.classes[task]).float()
         y = y.float()
         keep = mask.view(-1, *[1] * (y.dim() - 1))
         return torch.where(keep, y.nan_to_num(0.0), 0.0)
@@ -141,7 +140,7 @@ class ModalityDropout(Op):
         u = uniform(generator, (B, len(MODALITIES)), device=dev)
         drop = torch.stack([u[:, i] < p for i, p in enumerate(self.p)], 1) & present  # (B,3)
         score = torch.where(present, uniform(generator, (B, len(MODALITIES)), device=dev), -1.0)
-        rescue = F.one_hot(score.argmax(1), len(MODALITIES)).bool()  # a random present modality
+        rescue = _one_hot(score.argmax(1), len(MODALITIES))  # a random present modality
         lost_all = present.any(1) & ~(present & ~drop).any(1)
         return {"drop": drop & ~(rescue & lost_all.unsqueeze(1))}
 
@@ -165,6 +164,11 @@ class ModalityDropout(Op):
                 if batch.attention_mask is not None:
                     changes["attention_mask"] = batch.attention_mask * ~d.unsqueeze(1)
         return replace(batch, **changes)
+
+
+def _one_hot(index: torch.Tensor, n: int) -> torch.Tensor:
+    """(B,) -> (B,n) bool; unlike F.one_hot, never reads the values back to the host to check them."""
+    return index.unsqueeze(1) == torch.arange(n, device=index.device)
 
 
 def _mask(batch: Batch, modality: str) -> torch.Tensor:
