@@ -42,6 +42,10 @@ class DevicePrefetcher:
     used by it (``record_stream``), so the caching allocator never reuses its memory too early. Decode and
     ``transform`` (e.g. ``functools.partial(pipeline, generator=g)``) then run on the current stream. On
     the CPU it is a plain iterator doing the same steps. ``len()`` is the loader's.
+
+    Reading one batch ahead would put the loader's ``state_dict()`` one batch past what the caller has
+    seen; this class's ``state_dict()`` is the loader's state as of the last batch handed out, so a resume
+    from it neither skips nor repeats a batch.
     """
 
     def __init__(self, loader: Iterable[Batch], device: torch.device | str, transform: Transform | None = None,
@@ -51,6 +55,7 @@ class DevicePrefetcher:
         self.transform = transform
         self.decode = decode
         self._cuda = self.device.type == "cuda"
+        self._state: dict | None = None  # loader state after the last batch handed out (CUDA path)
 
     def __len__(self) -> int:
         return len(self.loader)  # type: ignore[arg-type]
@@ -59,6 +64,17 @@ class DevicePrefetcher:
         """Forward to the loader, when it has ``set_epoch``."""
         if hasattr(self.loader, "set_epoch"):
             self.loader.set_epoch(epoch)
+
+    def state_dict(self) -> dict:
+        """The loader's state as of the last batch this iterator handed out."""
+        return self._state if self._state is not None else self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self._state = None
+        self.loader.load_state_dict(state)
+
+    def _loader_state(self) -> dict | None:
+        return self.loader.state_dict() if hasattr(self.loader, "state_dict") else None
 
     def _finish(self, batch: Batch) -> Batch:
         if self.decode and batch.image_bytes is not None:
@@ -73,15 +89,18 @@ class DevicePrefetcher:
         stream = torch.cuda.Stream(device=self.device)
         it = iter(self.loader)
 
-        def preload() -> Batch | None:
+        def preload() -> tuple[Batch | None, dict | None]:
+            """The next batch, copying on ``stream``, and the loader state from before it was read."""
+            state = self._loader_state()
             try:
                 batch = next(it)
             except StopIteration:
-                return None
+                return None, state
             with torch.cuda.stream(stream):
-                return _to_device(batch, self.device)
+                return _to_device(batch, self.device), state
 
-        pending = preload()
+        self._state = None
+        pending, _ = preload()
         while pending is not None:
             current = torch.cuda.current_stream(self.device)
             current.wait_stream(stream)  # the copy of ``pending`` is done before the step uses it
@@ -89,5 +108,5 @@ class DevicePrefetcher:
                 if t.device.type == "cuda":
                     t.record_stream(current)  # allocated on ``stream``, used on ``current``
             ready = pending
-            pending = preload()  # next copy overlaps with decode/transform and the caller's step
+            pending, self._state = preload()  # next copy overlaps with decode/transform and the step
             yield self._finish(ready)

@@ -310,6 +310,22 @@ def test_mixup_blends_images_with_lam():
     torch.testing.assert_close(out.image, lam * img + (1 - lam) * img[perm], atol=1e-5, rtol=0)
 
 
+def test_cutmix_pastes_the_partner_box_and_weights_labels_by_area():
+    b = make_batch(6)
+    aug = pipeline(mix={"cutmix_alpha": 1.0}, image={"size": [20, 24]})
+    out, params = aug(b, generator=gen(2), return_params=True)
+    img = aug.image.apply(b.image, params["image"])
+    perm, lam, box = params["mix"]["perm"], params["mix"]["lam"], params["mix"]["box"]
+    assert ((box[:, 1] > box[:, 0]) & (box[:, 3] > box[:, 2])).any()
+    for i in range(6):
+        y0, y1, x0, x1 = box[i].tolist()
+        inside = torch.zeros(20, 24, dtype=torch.bool)
+        inside[y0:y1, x0:x1] = True
+        torch.testing.assert_close(out.image[i][:, inside], img[perm[i]][:, inside])
+        torch.testing.assert_close(out.image[i][:, ~inside], img[i][:, ~inside])
+        torch.testing.assert_close(lam[i], torch.tensor(1 - inside.float().mean().item()))
+
+
 def test_beta_draws_have_the_right_mean_and_spread():
     lam = sample_beta(gen(), 4000, 0.4, torch.device("cpu"))
     assert abs(lam.mean().item() - 0.5) < 0.03

@@ -78,18 +78,29 @@ def test_pipeline_decodes_packed_bytes_itself():
 
 
 class Loader:
-    """A list of batches with a length, like mmdata's loader."""
+    """A list of batches with a length and a resumable state, like mmdata's loader."""
 
     def __init__(self, n: int):
         self.batches = [packed_batch() for _ in range(n)]
         for i, b in enumerate(self.batches):
             b.labels = {"y": b.labels["y"] + 10 * i}
+        self.consumed = 0
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __iter__(self):
-        return iter(self.batches)
+        start = self.consumed
+        for b in self.batches[start:]:
+            self.consumed += 1
+            yield b
+        self.consumed = 0
+
+    def state_dict(self) -> dict:
+        return {"consumed": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consumed = state["consumed"]
 
 
 def run_prefetcher(device: str) -> None:
@@ -98,8 +109,15 @@ def run_prefetcher(device: str) -> None:
     loader = Loader(3)
     pre = DevicePrefetcher(loader, device, transform=functools.partial(aug, generator=g))
     assert len(pre) == 3
-    got = list(pre)
+    got = []
+    for i, b in enumerate(pre):
+        got.append(b)
+        assert pre.state_dict() == {"consumed": i + 1}  # not one ahead, although the next batch is read
+        if i == 0:
+            state = pre.state_dict()
     assert len(got) == 3
+    pre.load_state_dict(state)  # resume after the first batch: the other two, in order
+    assert [b.labels["y"][0].item() for b in pre] == [10, 20]
     for i, b in enumerate(got):
         assert b.image.device.type == torch.device(device).type and b.image.dtype == torch.float32
         assert b.labels["y"].tolist() == [10 * i + j for j in range(5)]  # order kept
