@@ -1,0 +1,332 @@
+"""`mtml train`: train a multi-task fusion model end to end on a dataset's stream.
+
+One process, or DDP under ``torchrun`` (ranks come from the process group). Each epoch: train with
+GPU augmentation, evaluate on the validation split, append a row to ``metrics.csv``, save ``last/``
+(model + optimizer, resumable) and ``best/`` (by validation Δm or a named metric), redraw
+``curves.png``. Without a validation split the run follows a fixed schedule and ``best`` is the last
+epoch.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from mmdata.errors import ConfigError
+
+from .checkpoint import load_checkpoint, read_meta, save_checkpoint
+from .config import TrainConfig, load_config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Session:
+    """What a training or evaluation run is made of, built once from (config, dataset, device)."""
+
+    cfg: TrainConfig
+    dataset: Any
+    tasks: Any
+    model: torch.nn.Module
+    augment: Any
+    device: torch.device
+    modalities: tuple[str, ...]
+    loader_config: Any
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """``requested``, else this process's CUDA device (LOCAL_RANK under torchrun), else CPU."""
+    if requested:
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def make_session(cfg: TrainConfig, data: str, device: torch.device) -> Session:
+    """Open the dataset and build the model and augmentation the config describes."""
+    from mmdata import LoaderConfig, open_dataset
+    from mmdata.augment import AugmentConfig, Pipeline
+    from mmdata.tasks import TaskList
+
+    from .model import ModelConfig, MultiTaskModel
+
+    ds = open_dataset(data)
+    tasks = ds.tasks
+    if cfg.data.tasks:
+        tasks = TaskList(tuple(tasks[name] for name in cfg.data.tasks))
+    model_dict = dict(cfg.model)
+    modalities = tuple(model_dict.get("modalities") or ModelConfig().modalities)
+    missing = [m for m in modalities if m not in ds.card.modalities]
+    if missing:
+        raise ConfigError(f"model.modalities asks for {missing}, which the dataset at {data!r} does not have "
+                          f"(it has {sorted(ds.card.modalities)})")
+    if "text" in modalities:
+        text = dict(model_dict.get("text") or {})
+        text.setdefault("vocab_size", ds.tokenizer().get_vocab_size())
+        model_dict["text"] = text
+    model = MultiTaskModel(tasks, ModelConfig.from_dict(model_dict))
+    sample_rate = ds.card.modalities.get("audio", {}).get("sample_rate")
+    augment = Pipeline(AugmentConfig.from_dict(cfg.augment), sample_rate=sample_rate, tasks=tasks)
+    loader_config = LoaderConfig(image_size=tuple(cfg.data.image_size), audio_seconds=cfg.data.audio_seconds,
+                                 max_text_tokens=cfg.data.max_text_tokens,
+                                 decode_images_on=cfg.data.decode_images_on)
+    return Session(cfg, ds, tasks, model.to(device), augment.to(device), device, modalities, loader_config)
+
+
+def card_digest(ds) -> str:
+    return hashlib.sha256(ds.card.to_json().encode()).hexdigest()[:16]
+
+
+def set_target_stats(session: Session) -> None:
+    """Standardise regression targets with the train split's mean and std (from the index)."""
+    for task in session.tasks:
+        if task.type != "regression":
+            continue
+        values = [v for v in session.dataset.label_values(session.cfg.data.train_split, task.name) if v is not None]
+        if values:
+            t = torch.tensor(values, dtype=torch.float32)  # (N, D)
+            session.model.set_target_stats(task.name, t.mean(0), t.std(0).clamp_min(1e-6))
+
+
+def _schedule(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up then cosine decay to zero, as a multiplier of the base learning rate."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size), joining the process group torchrun describes in the environment."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def evaluate_loader(session: Session, loader, drop_modality: str | None = None) -> dict[str, dict[str, float]]:
+    """Per-task metrics of the model over a loader, in eval mode, synced across ranks."""
+    from mmdata.prefetch import DevicePrefetcher
+
+    from .metrics import MetricSet
+
+    model, aug = session.model, session.augment
+    model.eval()
+    aug.eval()
+    meters = MetricSet(session.tasks)
+    with torch.no_grad(), _autocast(session):
+        for batch in DevicePrefetcher(loader, session.device, transform=aug):
+            if drop_modality:
+                batch = drop(batch, drop_modality)
+            outputs = _unwrap(model).denormalize(model(batch))
+            meters.update({k: v.float() for k, v in outputs.items()}, batch)
+    if dist.is_initialized():
+        meters.sync()
+    return meters.compute()
+
+
+def drop(batch, modality: str):
+    """The batch with ``modality`` forced absent for every sample (mask False, input zeroed)."""
+    if getattr(batch, f"{modality}_mask") is None:
+        return batch
+    changes = {f"{modality}_mask": torch.zeros_like(getattr(batch, f"{modality}_mask"))}
+    field = {"image": "image", "audio": "audio", "text": "text_ids"}[modality]
+    changes[field] = torch.zeros_like(getattr(batch, field))
+    return replace(batch, **changes)
+
+
+def _unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+def _autocast(session: Session):
+    enabled = session.cfg.optim.amp and session.device.type == "cuda"
+    return torch.autocast(session.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def train(cfg: TrainConfig, data: str, out: str | Path, *, resume: bool = False,
+          device: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train and return the best epoch's record (epoch, validation metrics)."""
+    from tqdm import tqdm
+
+    from mmdata import make_loader
+    from mmdata.prefetch import DevicePrefetcher
+
+    from .losses import task_losses
+    from .metrics import selection_score
+    from .weighting import make_weighting
+
+    rank, world = _distributed()
+    dev = pick_device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    out = Path(out)
+    torch.manual_seed(cfg.seed)  # model initialisation is the same on every rank
+    session = make_session(cfg, data, dev)
+    set_target_stats(session)
+    model, aug, ds = session.model, session.augment, session.dataset
+    weighting_opts = dict(cfg.weighting)
+    weighting_name = weighting_opts.pop("name", "equal")
+    weighting = make_weighting(weighting_name, session.tasks, **weighting_opts).to(dev)
+    # GradNorm balances gradients at the last shared layer; PCGrad projects over every shared weight.
+    shared = list(model.shared_parameters() if weighting_name == "pcgrad" else model.last_shared_parameters())
+    loader_args = dict(modalities=list(session.modalities), tasks=session.tasks.names, rank=rank,
+                       world_size=world, num_workers=cfg.data.num_workers, config=session.loader_config)
+    train_loader = make_loader(ds, cfg.data.train_split, batch_size=cfg.data.batch_size, shuffle=True,
+                               seed=cfg.seed, drop_last=True, **loader_args)
+    has_val = bool(cfg.data.val_split) and cfg.data.val_split in ds.splits
+    val_loader = (make_loader(ds, cfg.data.val_split, batch_size=cfg.data.batch_size, shuffle=False,
+                              **loader_args) if has_val else None)
+    if len(train_loader) == 0:
+        raise ConfigError(f"split {cfg.data.train_split!r} has fewer samples than one batch per rank "
+                          f"(batch_size={cfg.data.batch_size}, world size {world}); lower data.batch_size")
+    opt = torch.optim.AdamW([*model.parameters(), *weighting.parameters()], lr=cfg.optim.lr,
+                            weight_decay=cfg.optim.weight_decay)
+    total = cfg.optim.epochs * len(train_loader)
+    warmup = max(1, int(cfg.optim.warmup_epochs * len(train_loader)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, warmup, total))
+    start, history, best, baseline = 0, [], None, None
+    if resume:
+        meta, extra = load_checkpoint(out / "last", model, opt)
+        weighting.load_state_dict({k[len("weighting."):]: v for k, v in extra.items()
+                                   if k.startswith("weighting.")})
+        sched.load_state_dict({"last_epoch": meta["step"], "_step_count": meta["step"] + 1})
+        start, history, best, baseline = meta["epoch"] + 1, meta["history"], meta["best"], meta["baseline"]
+        if meta["card_digest"] != card_digest(ds):
+            log.warning("resuming on a dataset whose card differs from the one the run started on")
+        log.info("resuming %s after epoch %d", out, meta["epoch"])
+    elif rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    train_model = model
+    if cfg.optim.compile:
+        train_model = torch.compile(model)
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[dev.index] if dev.type == "cuda" else None,
+            find_unused_parameters=True)  # a modality absent from a whole batch leaves its encoder idle
+    meta_base = {"config": cfg.to_dict(), "card_digest": card_digest(ds), "data": str(data),
+                 "tasks": [t.to_dict() for t in session.tasks]}
+    for epoch in range(start, cfg.optim.epochs):
+        train_loader.set_epoch(epoch)
+        torch.manual_seed(cfg.seed * 1_000_003 + epoch * 101 + rank)  # dropout: reproducible on resume
+        gen = torch.Generator(dev).manual_seed(cfg.seed * 1_000_003 + epoch * 101 + rank + 7)
+        model.train()
+        aug.train()
+        sums: dict[str, float] = {}
+        seen, t0 = 0, time.perf_counter()
+        bar = tqdm(DevicePrefetcher(train_loader, dev), total=len(train_loader), disable=not progress or rank > 0,
+                   desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", leave=False)
+        for batch in bar:
+            batch = aug(batch, generator=gen)
+            with _autocast(session):
+                outputs = train_model(batch)
+            losses = task_losses({k: v.float() for k, v in outputs.items()}, batch, session.tasks,
+                                 target_stats=model.target_stats)
+            opt.zero_grad(set_to_none=True)
+            loss = weighting.backward(losses, shared)
+            if cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            opt.step()
+            sched.step()
+            seen += len(batch)
+            for name, value in losses.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach())
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+            bar.set_postfix(loss=f"{float(loss):.3f}", samples_s=f"{seen * world / (time.perf_counter() - t0):.0f}")
+        elapsed = time.perf_counter() - t0
+        train_losses = {k: v / len(train_loader) for k, v in sums.items()}
+        weighting.end_epoch({k: v for k, v in train_losses.items() if k != "loss"})
+        metrics = evaluate_loader(session, val_loader) if val_loader is not None else {}
+        baseline = baseline or metrics
+        score = selection_score(metrics, cfg.select, baseline) if metrics else float(epoch)
+        row = {"epoch": epoch, "samples_per_s": seen * world / elapsed, "lr": sched.get_last_lr()[0],
+               **{f"train_{k}": v for k, v in train_losses.items()},
+               **{f"val_{t}_{m}": v for t, ms in metrics.items() for m, v in ms.items()}, "score": score}
+        history.append(row)
+        improved = best is None or score >= best["score"]
+        if improved:
+            best = {"epoch": epoch, "score": score, "metrics": metrics}
+        if rank == 0:
+            _write_metrics(out / "metrics.csv", history)
+            meta = {**meta_base, "epoch": epoch, "step": (epoch + 1) * len(train_loader), "history": history,
+                    "best": best, "baseline": baseline, "metrics": metrics}
+            extra = {f"weighting.{k}": v for k, v in weighting.state_dict().items()}
+            if improved:
+                save_checkpoint(out / "best", model, meta)
+            save_checkpoint(out / "last", model, meta, opt, extra_tensors=extra)
+            _draw_curves(out, history)
+            log.info("epoch %d: loss %.4f, %.0f samples/s%s", epoch + 1, train_losses.get("loss", float("nan")),
+                     row["samples_per_s"], "".join(f", {t} {_headline(ms)}" for t, ms in metrics.items()))
+        if world > 1:
+            dist.barrier()
+    return best or read_meta(out / "last")["best"]
+
+
+def _headline(ms: dict[str, float]) -> str:
+    name = next(iter(ms))
+    return f"{name} {ms[name]:.3f}"
+
+
+def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
+    names = list(dict.fromkeys(k for row in history for k in row))
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=names)
+        w.writeheader()
+        w.writerows(history)
+    tmp.replace(path)
+
+
+def _draw_curves(out: Path, history: list[dict[str, Any]]) -> None:
+    from .curves import draw_curves
+
+    try:
+        draw_curves(history, out / "curves.png")
+    except Exception as e:  # a plot must never stop training
+        log.warning("could not draw curves.png: %s", e)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--data", required=True, help="dataset folder or URL (the output of `mmdata build`)")
+    p.add_argument("--config", help="train YAML (model, augment, data, optim, weighting, select, seed); "
+                   "with --resume, defaults to RUN/config.json")
+    p.add_argument("--out", required=True, help="run folder: checkpoints, metrics.csv, curves.png")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set optim.epochs=5 --set model.fusion.name=late")
+    p.add_argument("--resume", action="store_true", help="continue from RUN/last after the last finished epoch")
+    p.add_argument("--device", help="torch device (default: this rank's CUDA device, else cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    config = args.config
+    if args.resume and not config:
+        stored = Path(args.out) / "config.json"
+        cfg = TrainConfig.from_dict(json.loads(stored.read_text())) if stored.is_file() else None
+        if cfg is None:
+            raise ConfigError(f"--resume needs {stored} or --config")
+        if args.set:
+            from .config import apply_overrides
+            cfg = TrainConfig.from_dict(apply_overrides(cfg.to_dict(), args.set))
+    else:
+        cfg = load_config(config, args.set)
+    best = train(cfg, args.data, args.out, resume=args.resume, device=args.device, progress=not args.no_progress)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(json.dumps({"best_epoch": best["epoch"], "metrics": best["metrics"]}, indent=2))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
