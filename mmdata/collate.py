@@ -1,0 +1,91 @@
+"""Collate decoded samples into a Batch: stacked, padded, with a presence mask per modality and label."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .batch import Batch
+from .decode import DecodeSpec, Sample
+from .tasks import Task
+from .tokenizer import PAD_ID
+
+
+def collate(samples: list[Sample], spec: DecodeSpec) -> Batch:
+    """Samples -> Batch. An absent modality is zeros with mask False; its shape is the same as when present."""
+    B = len(samples)
+    batch = Batch(keys=[s.key for s in samples])
+    if "image" in spec.modalities:
+        _images(batch, samples, spec)
+    if "audio" in spec.modalities:
+        clips = [s.audio for s in samples]
+        T = spec.audio_samples or max([len(c) for c in clips if c is not None] + [1])
+        audio = torch.zeros(B, T, dtype=torch.float32)  # (B, T)
+        lengths = torch.zeros(B, dtype=torch.int64)  # (B,)
+        for i, c in enumerate(clips):
+            if c is not None:
+                n = min(len(c), T)
+                audio[i, :n] = torch.from_numpy(c[:n])
+                lengths[i] = n
+        batch.audio, batch.audio_lengths = audio, lengths
+        batch.audio_mask = torch.tensor([c is not None for c in clips], dtype=torch.bool)
+    if "text" in spec.modalities:
+        L = spec.max_text_tokens
+        ids = torch.full((B, L), PAD_ID, dtype=torch.int64)  # (B, L)
+        attn = torch.zeros(B, L, dtype=torch.int64)  # (B, L) 1 on real tokens
+        for i, s in enumerate(samples):
+            if s.text_ids is not None:
+                n = min(len(s.text_ids), L)
+                ids[i, :n] = torch.tensor(s.text_ids[:n], dtype=torch.int64)
+                attn[i, :n] = 1
+        batch.text_ids, batch.attention_mask = ids, attn
+        batch.text_mask = torch.tensor([s.text_ids is not None for s in samples], dtype=torch.bool)
+    for task in spec.tasks:
+        batch.labels[task.name], batch.label_mask[task.name] = _labels(task, [s.labels.get(task.name) for s in samples])
+    return batch
+
+
+def _images(batch: Batch, samples: list[Sample], spec: DecodeSpec) -> None:
+    B = len(samples)
+    size = spec.image_size
+    if size is None:
+        shapes = {tuple(s.image.shape[-2:]) for s in samples if s.image is not None}
+        if len(shapes) > 1:
+            from .errors import ConfigError
+
+            raise ConfigError(f"images of sizes {sorted(shapes)} cannot be stacked; set LoaderConfig(image_size=...)")
+        size = shapes.pop() if shapes else (1, 1)
+    image = torch.zeros(B, 3, *size, dtype=torch.uint8)  # (B, 3, H, W)
+    for i, s in enumerate(samples):
+        if s.image is not None:
+            image[i] = s.image
+    batch.image = image
+    batch.image_mask = torch.tensor([s.image is not None or s.image_jpeg is not None for s in samples],
+                                    dtype=torch.bool)
+    if spec.image_on_device:
+        # JPEGs travel undecoded: one uint8 buffer and offsets (B+1,); a row with no bytes is absent or decoded
+        blobs = [s.image_jpeg or b"" for s in samples]
+        offsets = np.concatenate([[0], np.cumsum([len(b) for b in blobs])]).astype(np.int64)
+        batch.image_bytes = torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8) if offsets[-1] \
+            else torch.zeros(0, dtype=torch.uint8)
+        batch.image_offsets = torch.from_numpy(offsets)
+        batch.image_size = (int(size[0]), int(size[1]))
+
+
+def _labels(task: Task, values: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored labels -> (target, mask (B,) bool). Missing: zeros with mask False."""
+    B = len(values)
+    mask = torch.tensor([v is not None for v in values], dtype=torch.bool)
+    if task.type == "classification":
+        target = torch.tensor([v if v is not None else 0 for v in values], dtype=torch.int64)  # (B,)
+    elif task.type == "multilabel":
+        target = torch.zeros(B, len(task.classes), dtype=torch.float32)  # (B, C) multi-hot
+        for i, v in enumerate(values):
+            if v:
+                target[i, list(v)] = 1.0
+    else:
+        target = torch.zeros(B, task.dims, dtype=torch.float32)  # (B, D)
+        for i, v in enumerate(values):
+            if v is not None:
+                target[i] = torch.tensor(v if isinstance(v, (list, tuple)) else [v], dtype=torch.float32)
+    return target, mask

@@ -1,0 +1,278 @@
+"""make_loader: stream a split into Batches, deterministically, rank-equal and exactly resumable.
+
+Batches are made inside the DataLoader workers (an IterableDataset yielding whole Batches, read with
+``DataLoader(batch_size=None)``). Batch ``j`` of a rank comes from worker ``j % W`` (see
+``mmdata.order``), and the DataLoader's round robin over workers gives them back in order, so the
+sequence is a pure function of (seed, epoch, world size, number of workers).
+
+Resumption: the state is (epoch, batches yielded). A fresh loader skips those batches without reading
+them: each worker computes its plan on sample numbers, drops the batches already yielded and reads
+only the byte ranges the rest need (the index gives offsets). Worker ``i`` then plays the part of
+worker ``(i + k) % W`` so that the round robin starts with the owner of batch ``k``.
+
+``on_error="skip"``: a sample that cannot be read or decoded is logged (once per shard and worker),
+counted in ``Loader.skipped`` and left out of its batch; the batch is still yielded, smaller (even
+empty). Every rank therefore still yields ``len(loader)`` batches and DDP never waits on a missing one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .batch import MODALITIES, Batch
+from .collate import collate
+from .dataset import Dataset
+from .decode import Decoder, DecodeSpec
+from .errors import ConfigError, MmdataError
+from .order import PlanConfig, World, batches_per_rank, emission_order, slot_samples, worker_batches
+from .reader import ShardReader, read_stream
+
+log = logging.getLogger(__name__)
+
+ON_ERROR = ("raise", "skip")
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """Decode and transport options of the loader.
+
+    ``image_size``: (H, W) or an int for square; None keeps the split's common image size.
+    ``audio_seconds``: clip length (cropped from the start, zero-padded); None uses the split's longest.
+    ``tokenizer``: a tokenizer.json path; None uses the dataset's ``tokenizer/``.
+    ``decode_images_on="device"``: workers pass JPEGs undecoded in ``Batch.image_bytes`` for
+    ``mmdata.gpudecode.decode_images``; other formats are still decoded on the workers.
+    """
+
+    image_size: int | tuple[int, int] | None = None
+    audio_seconds: float | None = None
+    max_text_tokens: int = 64
+    shuffle_buffer: int = 512
+    pin_memory: bool = True
+    prefetch_factor: int = 2
+    decode_images_on: str = "cpu"
+    tokenizer: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.decode_images_on not in ("cpu", "device"):
+            raise ConfigError(f"decode_images_on must be 'cpu' or 'device', got {self.decode_images_on!r}")
+        if self.audio_seconds is not None and self.audio_seconds <= 0:
+            raise ConfigError(f"audio_seconds must be positive or None, got {self.audio_seconds}")
+        if self.max_text_tokens < 2:
+            raise ConfigError(f"max_text_tokens must be at least 2 ([CLS] and [SEP]), got {self.max_text_tokens}")
+        if self.prefetch_factor < 1:
+            raise ConfigError(f"prefetch_factor must be positive, got {self.prefetch_factor}")
+        size = self.image_size
+        if size is not None and (min((size, size) if isinstance(size, int) else tuple(size)) < 1):
+            raise ConfigError(f"image_size must be positive, got {size}")
+
+
+class BatchStream(torch.utils.data.IterableDataset):
+    """One rank's batches of one epoch, from batch ``start`` on; picklable, split across DataLoader workers."""
+
+    def __init__(self, dataset: Dataset, split: str, decoder: Decoder, cfg: PlanConfig, rank: int,
+                 world_size: int, num_workers: int, epoch: int, start: int, on_error: str):
+        self.dataset, self.split, self.decoder, self.cfg = dataset, split, decoder, cfg
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.epoch, self.start, self.on_error = epoch, start, on_error
+
+    def __iter__(self) -> Iterator[tuple[Batch, list[tuple[str, str, str]]]]:
+        info = torch.utils.data.get_worker_info()
+        W = max(1, self.num_workers)
+        worker = ((info.id if info else 0) + self.start) % W
+        world = World(self.rank, self.world_size, worker, self.num_workers)
+        reader = ShardReader(self.dataset, self.split)
+        try:
+            yield from self._batches(world, reader)
+        finally:
+            reader.close()
+
+    def _batches(self, world: World, reader: ShardReader):
+        idx, cfg = reader.index, self.cfg
+        stream = slot_samples(idx.shard_sizes, self.epoch, world, cfg)  # (n,) sample numbers, read order
+        emit = emission_order(len(stream), self.epoch, world, cfg)  # (n,) positions into stream
+        sizes = worker_batches(world, len(idx), cfg)
+        W = world.workers_per_rank
+        done = max(0, -(-(self.start - world.worker) // W))  # this worker's batches already yielded
+        emit = emit[sum(sizes[:done]):]
+        need = np.sort(emit)  # positions still needed, in read order: consumed ones are never read
+        reads = read_stream(reader, stream[need])
+        cache: dict[int, Any] = {}
+        logged: set[str] = set()
+        a = 0
+        for size in sizes[done:]:
+            samples, skipped = [], []
+            for pos in emit[a:a + size].tolist():
+                while pos not in cache:
+                    p, got = next(reads)
+                    cache[int(need[p])] = got
+                s = int(stream[pos])
+                got = cache.pop(pos)
+                file, key = idx.files[idx.shard[s]], str(idx.keys[s])
+                if not isinstance(got, Exception):
+                    try:
+                        samples.append(self.decoder(key, got))
+                        continue
+                    except MmdataError as e:
+                        got = e
+                if self.on_error == "raise":
+                    raise type(got)(f"shard {file!r}, sample {key!r}: {got}") from None
+                skipped.append((file, key, str(got)))
+                if file not in logged:
+                    logged.add(file)
+                    log.warning("skipping unreadable samples of shard %r (first: %r: %s)", file, key, got)
+            a += size
+            yield collate(samples, self.decoder.spec), skipped
+
+
+class Loader:
+    """Iterable of Batch for one rank; ``len()`` batches per epoch, the same on every rank."""
+
+    def __init__(self, dataset: Dataset, split: str, decoder: Decoder, cfg: PlanConfig, rank: int,
+                 world_size: int, num_workers: int, on_error: str, config: LoaderConfig):
+        self.dataset, self.split, self.decoder, self.plan_config = dataset, split, decoder, cfg
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.on_error, self.config = on_error, config
+        self.epoch, self.batches = 0, 0  # position: batches yielded in ``epoch``
+        self.skipped = 0  # samples skipped under on_error="skip", over the loader's life
+        self.skipped_samples: list[tuple[str, str, str]] = []  # (shard, key, reason), the last 1000
+        self._len = batches_per_rank(dataset.num_samples(split), world_size, cfg)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def set_epoch(self, epoch: int) -> None:
+        """Go to the start of ``epoch``; the current epoch (e.g. just resumed) keeps its position."""
+        if epoch < 0:
+            raise ConfigError(f"epoch must be non-negative, got {epoch}")
+        if epoch != self.epoch:
+            self.epoch, self.batches = epoch, 0
+
+    def _normalise(self) -> None:
+        if self.batches >= self._len:
+            self.epoch, self.batches = self.epoch + 1, 0
+
+    def stream(self) -> BatchStream:
+        """The IterableDataset of the current position (what each DataLoader worker gets a copy of)."""
+        self._normalise()
+        return BatchStream(self.dataset, self.split, self.decoder, self.plan_config, self.rank, self.world_size,
+                           self.num_workers, self.epoch, self.batches, self.on_error)
+
+    def __iter__(self) -> Iterator[Batch]:
+        stream = self.stream()
+        pin = self.config.pin_memory and torch.cuda.is_available()
+        if self.num_workers == 0:
+            it = iter(stream)
+        else:
+            it = iter(torch.utils.data.DataLoader(
+                stream, batch_size=None, num_workers=self.num_workers, pin_memory=pin,
+                prefetch_factor=self.config.prefetch_factor,
+                generator=torch.Generator().manual_seed(self.plan_config.seed),  # keeps the global RNG untouched
+            ))
+        for batch, skipped in it:
+            if skipped:
+                self.skipped += len(skipped)
+                self.skipped_samples = (self.skipped_samples + skipped)[-1000:]
+            if pin and self.num_workers == 0:
+                batch = batch.pin_memory()
+            self.batches += 1
+            yield batch
+        self._normalise()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position to resume from, plus what it is only valid for."""
+        self._normalise()
+        return {"epoch": self.epoch, "batches": self.batches, "skipped": self.skipped, **self._fingerprint()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly after the last batch yielded when ``state`` was taken."""
+        mine = self._fingerprint()
+        diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
+        if diff:
+            raise ConfigError(f"loader state was saved with other arguments {diff} (saved, now); resume with "
+                              "the same split, seed, batch size, world size and workers, or start afresh")
+        self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
+        self.skipped = int(state.get("skipped", 0))
+
+    def _fingerprint(self) -> dict[str, Any]:
+        c = self.plan_config
+        return {"split": self.split, "num_samples": self.dataset.num_samples(self.split), "seed": c.seed,
+                "batch_size": c.batch_size, "shuffle": c.shuffle, "drop_last": c.drop_last,
+                "shuffle_buffer": c.shuffle_buffer, "world_size": self.world_size, "rank": self.rank,
+                "num_workers": self.num_workers}
+
+
+def make_loader(dataset: Dataset | str, split: str, *, batch_size: int, num_workers: int = 0, shuffle: bool = True,
+                seed: int = 0, drop_last: bool = False, rank: int | None = None, world_size: int | None = None,
+                modalities: list[str] | None = None, tasks: list[str] | None = None, on_error: str = "raise",
+                config: LoaderConfig = LoaderConfig()) -> Loader:
+    """Make this rank's loader of ``split``; rank and world size from arguments or torch.distributed."""
+    if isinstance(dataset, str) or hasattr(dataset, "__fspath__"):
+        from .dataset import open_dataset
+
+        dataset = open_dataset(dataset)
+    if on_error not in ON_ERROR:
+        raise ConfigError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    if num_workers < 0:
+        raise ConfigError(f"num_workers must be 0 or more, got {num_workers}")
+    rank, world_size = _world(rank, world_size)
+    World(rank, world_size, 0, num_workers)  # validates
+    cfg = PlanConfig(batch_size, seed, shuffle, drop_last, config.shuffle_buffer)
+    spec = _spec(dataset, split, modalities, tasks, config)
+    tok = None
+    if "text" in spec.modalities:
+        tok = open(config.tokenizer, "rb").read() if config.tokenizer else dataset.tokenizer_json
+    loader = Loader(dataset, split, Decoder(spec, tok), cfg, rank, world_size, num_workers, on_error, config)
+    if len(loader) == 0:
+        log.warning("split %r gives 0 batches per rank (%d samples, world size %d, batch size %d, drop_last %s)",
+                    split, dataset.num_samples(split), world_size, batch_size, drop_last)
+    return loader
+
+
+def _world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if (rank is None) != (world_size is None):
+        raise ConfigError(f"give both rank and world_size or neither, got rank={rank}, world_size={world_size}")
+    if rank is not None:
+        return rank, world_size
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _spec(dataset: Dataset, split: str, modalities, tasks, config: LoaderConfig) -> DecodeSpec:
+    dataset.split_index(split)  # SchemaError naming the splits when unknown
+    have = dataset.modalities
+    mods = tuple(have if modalities is None else modalities)
+    bad = [m for m in mods if m not in MODALITIES or m not in have]
+    if bad:
+        raise ConfigError(f"modalities {bad} are not in the dataset; it has {have}")
+    names = dataset.tasks.names if tasks is None else list(tasks)
+    unknown = [t for t in names if t not in dataset.tasks.names]
+    if unknown:
+        raise ConfigError(f"tasks {unknown} are not in the dataset; it has {dataset.tasks.names}")
+    size = config.image_size
+    if isinstance(size, int):
+        size = (size, size)
+    elif size is not None:
+        size = (int(size[0]), int(size[1]))
+    elif "image" in mods:
+        size = dataset.common_image_size(split)
+        if size is None:
+            raise ConfigError(f"images of split {split!r} differ in size; set LoaderConfig(image_size=...) "
+                              "so they can be resized to one")
+    sr = dataset.card.modalities.get("audio", {}).get("sample_rate")
+    samples = None
+    if "audio" in mods and sr:
+        seconds = config.audio_seconds or dataset.max_audio_seconds(split)
+        samples = max(1, math.ceil(round(seconds * sr, 6)))
+    return DecodeSpec(modalities=mods, tasks=tuple(dataset.tasks[t] for t in names), image_size=size,
+                      audio_samples=samples, sample_rate=sr, max_text_tokens=config.max_text_tokens,
+                      image_on_device=config.decode_images_on == "device")

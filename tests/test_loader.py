@@ -1,0 +1,304 @@
+"""The loader as a user drives it: values, masks, cover across ranks and workers, errors, transports.
+
+The fixture writes a tiny dataset directly with ShardWriter, a Card and a pyarrow index (no build
+step). Sample ``i`` encodes its index everywhere: key ``s0017``, text "sample 17", image pixels = i,
+audio constant i/1000, digit label i % 10; some modalities and labels are absent by rule.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from mmdata import (
+    ConfigError,
+    CorruptShardError,
+    DatasetNotFoundError,
+    LoaderConfig,
+    make_loader,
+    open_dataset,
+)
+from mmdata.card import LABEL_PREFIX, Card, ShardInfo, SplitInfo
+from mmdata.format import CARD_NAME, INDEX_NAME, TOKENIZER_DIR, ShardWriter, shard_name
+from mmdata.tasks import Task, TaskList
+
+SR = 16000
+TASKS = (Task("digit", "classification", tuple(str(d) for d in range(10))), Task("score", "regression"))
+
+
+def has_image(i):
+    return i % 7 != 3
+
+
+def has_audio(i):
+    return i % 5 != 4
+
+
+def has_text(i):
+    return i % 6 != 5
+
+
+def has_digit(i):
+    return i % 4 != 1
+
+
+def audio_len(i):
+    return 800 if i % 3 == 0 else 1600
+
+
+def members_of(i: int) -> dict[str, bytes]:
+    import soundfile as sf
+    from PIL import Image
+
+    m: dict[str, bytes] = {}
+    if has_image(i):
+        buf = io.BytesIO()
+        fmt = "JPEG" if i % 2 == 0 else "PNG"
+        Image.new("RGB", (8, 8), (i % 256,) * 3).save(buf, format=fmt, quality=95)
+        m["jpg" if fmt == "JPEG" else "png"] = buf.getvalue()
+    if has_audio(i):
+        buf = io.BytesIO()
+        sf.write(buf, np.full(audio_len(i), i / 1000, dtype=np.float32), SR, format="WAV", subtype="FLOAT")
+        m["wav"] = buf.getvalue()
+    if has_text(i):
+        m["txt"] = f"sample {i}".encode()
+    labels = {"digit": i % 10 if has_digit(i) else None, "score": [i / 10]}
+    m["json"] = json.dumps({"id": f"id{i}", "labels": labels}).encode()
+    return m
+
+
+def write_dataset(root, shard_sizes=(5, 9, 2, 7), split="train") -> str:
+    """Write a dataset of sum(shard_sizes) samples in shards of those sizes; return its folder."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mmdata.tokenizer import save_tokenizer, train_tokenizer
+
+    os.makedirs(root, exist_ok=True)
+    rows, shards, i = [], [], 0
+    for s, n in enumerate(shard_sizes):
+        name = shard_name(split, s)
+        with open(os.path.join(root, name), "wb") as f:
+            w = ShardWriter(f)
+            for _ in range(n):
+                m = members_of(i)
+                off, size = w.add(f"s{i:04d}", m)
+                rows.append({"key": f"s{i:04d}", "split": split, "shard": name, "offset": off, "size": size,
+                             "modalities": [k for k, e in (("image", has_image(i)), ("audio", has_audio(i)),
+                                                           ("text", has_text(i))) if e],
+                             "image_width": 8 if has_image(i) else None, "image_height": 8 if has_image(i) else None,
+                             "audio_seconds": audio_len(i) / SR if has_audio(i) else None,
+                             "text_chars": len(f"sample {i}") if has_text(i) else None, "source_id": f"id{i}",
+                             LABEL_PREFIX + "digit": i % 10 if has_digit(i) else None,
+                             LABEL_PREFIX + "score": [i / 10]})
+                i += 1
+            nbytes, sha = w.close()
+        shards.append(ShardInfo(name, n, nbytes, sha))
+    card = Card(modalities={"image": {"formats": ["jpg", "png"]},
+                            "audio": {"sample_rate": SR, "channels": 1, "format": "wav"}, "text": {}},
+                tasks=TaskList(TASKS), splits={split: SplitInfo(tuple(shards))})
+    with open(os.path.join(root, CARD_NAME), "w") as f:
+        f.write(card.to_json())
+    pq.write_table(pa.Table.from_pylist(rows), os.path.join(root, INDEX_NAME))
+    save_tokenizer(train_tokenizer([f"sample {k}" for k in range(i)], vocab_size=200), os.path.join(root, TOKENIZER_DIR))
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("tiny"))
+
+
+def index_of(key: str) -> int:
+    return int(key[1:])
+
+
+def epoch_keys(loader) -> list[list[str]]:
+    return [list(b.keys) for b in loader]
+
+
+def test_every_sample_once_with_its_values_and_masks(tiny):
+    ds = open_dataset(tiny)
+    assert ds.splits == ["train"] and ds.num_samples("train") == 23
+    loader = make_loader(ds, "train", batch_size=4, config=LoaderConfig(audio_seconds=0.1))
+    batches = list(loader)
+    assert len(batches) == len(loader) == 6
+    keys = [k for b in batches for k in b.keys]
+    assert sorted(keys) == [f"s{i:04d}" for i in range(23)] and keys != sorted(keys)  # shuffled, each once
+    tok = ds.tokenizer()
+    for b in batches:
+        assert b.image.shape[1:] == (3, 8, 8) and b.audio.shape[1] == 1600 and b.text_ids.dtype == torch.int64
+        for r, key in enumerate(b.keys):
+            i = index_of(key)
+            assert bool(b.image_mask[r]) == has_image(i) and bool(b.audio_mask[r]) == has_audio(i)
+            assert bool(b.text_mask[r]) == has_text(i) and bool(b.label_mask["digit"][r]) == has_digit(i)
+            if has_image(i):
+                assert abs(b.image[r].float().mean().item() - i) < 2  # JPEG rows are near, PNG rows exact
+            else:
+                assert b.image[r].abs().sum() == 0
+            if has_audio(i):
+                assert b.audio_lengths[r] == audio_len(i)
+                assert torch.allclose(b.audio[r, :audio_len(i)], torch.tensor(i / 1000))
+                assert b.audio[r, audio_len(i):].abs().sum() == 0
+            else:
+                assert b.audio_lengths[r] == 0 and b.audio[r].abs().sum() == 0
+            if has_text(i):
+                n = int(b.attention_mask[r].sum())
+                assert tok.decode(b.text_ids[r, 1:n - 1].tolist()) == f"sample {i}"  # inside [CLS] .. [SEP]
+            else:
+                assert b.attention_mask[r].sum() == 0
+            if has_digit(i):
+                assert b.labels["digit"][r] == i % 10
+            assert b.labels["score"][r, 0].item() == pytest.approx(i / 10)
+
+
+def test_only_asked_modalities_are_decoded(tiny, monkeypatch):
+    import mmdata.decode as decode
+
+    def boom(*a, **k):
+        raise AssertionError("audio was decoded although not asked for")
+
+    monkeypatch.setattr(decode, "decode_audio", boom)
+    b = next(iter(make_loader(tiny, "train", batch_size=5, modalities=["image"], tasks=["digit"])))
+    assert b.audio is None and b.text_ids is None and b.image.shape == (5, 3, 8, 8)
+    assert list(b.labels) == ["digit"]
+    with pytest.raises(ConfigError, match="depth"):
+        make_loader(tiny, "train", batch_size=5, modalities=["depth"])
+
+
+def test_all_absent_modality_keeps_its_shape(tmp_path):
+    root = write_dataset(tmp_path / "d", shard_sizes=(1, 1), split="train")  # samples 0, 1: no text-less one
+    ds = open_dataset(root)
+    loader = make_loader(ds, "train", batch_size=1, shuffle=False, modalities=["image", "audio"],
+                         config=LoaderConfig(image_size=6, audio_seconds=0.05))
+    shapes = {(tuple(b.image.shape), tuple(b.audio.shape)) for b in loader}
+    assert shapes == {((1, 3, 6, 6), (1, 800))}
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_ranks_get_equal_batches_and_cover(tiny, num_workers, drop_last):
+    world = 2
+    per_rank = []
+    for rank in range(world):
+        loader = make_loader(tiny, "train", batch_size=3, num_workers=num_workers, drop_last=drop_last, rank=rank,
+                             world_size=world, modalities=["text"], tasks=[], seed=5)
+        per_rank.append(epoch_keys(loader))
+        assert len(per_rank[-1]) == len(loader)
+    assert len(per_rank[0]) == len(per_rank[1])
+    keys = [k for r in per_rank for b in r for k in b]
+    if drop_last:
+        assert len(keys) == len(set(keys)) == 2 * (23 // 2 // 3 * 3)
+    else:
+        assert set(keys) == {f"s{i:04d}" for i in range(23)} and len(keys) == 24  # one duplicate pads
+
+
+def test_same_seed_and_epoch_same_order_other_epoch_other(tiny):
+    def run(epoch, seed=0):
+        loader = make_loader(tiny, "train", batch_size=4, seed=seed, modalities=["text"], tasks=[])
+        loader.set_epoch(epoch)
+        return epoch_keys(loader)
+
+    assert run(1) == run(1)
+    assert run(1) != run(2) and run(1, seed=1) != run(1)
+
+
+def test_memory_url_reads_like_local(tiny):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for name in os.listdir(tiny):
+        if os.path.isfile(os.path.join(tiny, name)):
+            fs.pipe(f"/tinyds/{name}", open(os.path.join(tiny, name), "rb").read())
+    fs.pipe(f"/tinyds/{TOKENIZER_DIR}/tokenizer.json", open(os.path.join(tiny, TOKENIZER_DIR, "tokenizer.json"),
+                                                            "rb").read())
+    kw = dict(batch_size=4, seed=3)
+    remote, local = list(make_loader("memory://tinyds", "train", **kw)), list(make_loader(tiny, "train", **kw))
+    assert [b.keys for b in remote] == [b.keys for b in local]
+    assert all(torch.equal(a.text_ids, b.text_ids) and torch.equal(a.image, b.image) for a, b in zip(remote, local))
+
+
+def test_missing_and_truncated_shard_name_the_shard(tmp_path):
+    root = write_dataset(tmp_path / "d")
+    os.remove(os.path.join(root, "train-000001.tar"))
+    with pytest.raises(CorruptShardError, match="train-000001.tar"):
+        list(make_loader(root, "train", batch_size=4))
+    root = write_dataset(tmp_path / "e")
+    path = os.path.join(root, "train-000002.tar")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(CorruptShardError, match="train-000002.tar.*truncated"):
+        list(make_loader(root, "train", batch_size=4, shuffle=False))
+
+
+def _corrupt_member(root: str, key: str) -> None:
+    """Flip bytes in the tar header of ``key``'s first member (its checksum then fails)."""
+    ds = open_dataset(root)
+    idx = ds.split_index("train")
+    s = list(idx.keys).index(key)
+    with open(os.path.join(root, idx.files[idx.shard[s]]), "r+b") as f:
+        f.seek(int(idx.offset[s]) + 130)
+        f.write(b"zz")
+
+
+def test_corrupt_sample_raise_names_it_and_skip_keeps_counts(tmp_path):
+    root = write_dataset(tmp_path / "d")
+    _corrupt_member(root, "s0007")
+    with pytest.raises(CorruptShardError, match="train-000001.tar.*s0007"):
+        list(make_loader(root, "train", batch_size=4, shuffle=False))
+    loaders = [make_loader(root, "train", batch_size=4, on_error="skip", rank=r, world_size=2) for r in range(2)]
+    per_rank = [epoch_keys(lo) for lo in loaders]
+    assert [len(k) for k in per_rank] == [len(lo) for lo in loaders] == [len(loaders[0])] * 2
+    keys = {k for r in per_rank for b in r for k in b}
+    assert keys == {f"s{i:04d}" for i in range(23)} - {"s0007"}
+    assert sum(lo.skipped for lo in loaders) == 1
+    assert [s[:2] for lo in loaders for s in lo.skipped_samples] == [("train-000001.tar", "s0007")]
+
+
+def test_jpegs_travel_undecoded_for_the_device(tiny):
+    from mmdata.gpudecode import decode_images
+
+    cfg = LoaderConfig(decode_images_on="device", image_size=8)
+    dev = next(iter(make_loader(tiny, "train", batch_size=8, shuffle=False, modalities=["image"], config=cfg)))
+    cpu = next(iter(make_loader(tiny, "train", batch_size=8, shuffle=False, modalities=["image"])))
+    offsets = dev.image_offsets.tolist()
+    jpeg_rows = [r for r, k in enumerate(dev.keys) if index_of(k) % 2 == 0 and has_image(index_of(k))]
+    assert [r for r in range(8) if offsets[r + 1] > offsets[r]] == jpeg_rows
+    assert torch.equal(dev.image_mask, cpu.image_mask)
+    assert torch.equal(decode_images(dev, "cpu").image, cpu.image)
+
+
+def test_loader_stream_pickles(tiny):
+    loader = make_loader(tiny, "train", batch_size=4, seed=2)
+    stream = loader.stream()
+    copy = pickle.loads(pickle.dumps(stream))
+    a = [b.keys for b, _ in stream]
+    assert a == [b.keys for b, _ in copy] == epoch_keys(loader)
+
+
+def test_batch_to_moves_every_tensor(tiny):
+    b = next(iter(make_loader(tiny, "train", batch_size=4)))
+    moved = b.to("cpu", non_blocking=True)
+    assert torch.equal(moved.image, b.image) and set(moved.labels) == {"digit", "score"}
+
+
+@pytest.mark.gpu
+def test_batch_pin_memory_and_to_cuda(tiny):
+    b = next(iter(make_loader(tiny, "train", batch_size=4))).pin_memory()
+    assert b.image.is_pinned() and b.labels["digit"].is_pinned()
+    assert b.to("cuda", non_blocking=True).audio.is_cuda
+
+
+def test_tars_without_card_say_how_to_build(tmp_path):
+    with open(tmp_path / "shard-000000.tar", "wb") as f:
+        w = ShardWriter(f)
+        w.add("a", {"txt": b"x"})
+        w.close()
+    with pytest.raises(DatasetNotFoundError, match="--layout webdataset"):
+        open_dataset(tmp_path)
