@@ -302,3 +302,58 @@ def test_tars_without_card_say_how_to_build(tmp_path):
         w.close()
     with pytest.raises(DatasetNotFoundError, match="--layout webdataset"):
         open_dataset(tmp_path)
+
+
+def test_sample_data_built_then_streamed(tmp_path):
+    import csv
+
+    from mmdata.build import build_dataset
+
+    here = os.path.join(os.path.dirname(__file__), "..", "sample_data")
+    build_dataset(here, tmp_path / "built", progress=False)
+    with open(os.path.join(here, "manifest.csv")) as f:
+        digit = {r["id"]: r["digit"] for r in csv.DictReader(f)}
+    ds = open_dataset(tmp_path / "built")
+    split = ds.splits[0]
+    loader = make_loader(ds, split, batch_size=16, modalities=["image", "audio"], tasks=["digit"],
+                         config=LoaderConfig(audio_seconds=0.5))
+    seen = {}
+    classes = ds.tasks["digit"].classes
+    for b in loader:
+        assert b.image.shape[1:] == (3, 28, 28) and b.audio.shape[1] == ds.card.modalities["audio"]["sample_rate"] // 2
+        assert b.image_mask.all() and b.audio_mask.all() and (b.image.flatten(1).amax(1) > 0).all()
+        seen.update({k: classes[int(v)] for k, v in zip(b.keys, b.labels["digit"])})
+    assert len(seen) == ds.num_samples(split)
+    assert all(digit[k] == v for k, v in seen.items())  # keys are the source ids here
+
+
+def _ddp_rank(rank: int, root: str, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        loader = make_loader(root, "train", batch_size=3, drop_last=True, modalities=["text"], tasks=[])
+        ids = [index_of(k) for b in loader for k in b.keys]
+        gathered = [None, None]
+        dist.all_gather_object(gathered, ids)
+        if rank == 0:
+            with open(out, "w") as f:
+                json.dump(gathered, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_two_processes_under_torch_distributed(tiny, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "keys.json")
+    mp.spawn(_ddp_rank, args=(tiny, port, out), nprocs=2, join=True)
+    with open(out) as f:
+        a, b = json.load(f)
+    assert len(a) == len(b) == 23 // 2 // 3 * 3 and not set(a) & set(b)
