@@ -170,6 +170,7 @@ class Loader:
         if self.num_workers == 0:
             it = iter(stream)
         else:
+            _preload(self.decoder.spec.modalities)
             it = iter(torch.utils.data.DataLoader(
                 stream, batch_size=None, num_workers=self.num_workers, pin_memory=pin,
                 prefetch_factor=self.config.prefetch_factor,
@@ -233,6 +234,15 @@ def make_loader(dataset: Dataset | str, split: str, *, batch_size: int, num_work
         log.warning("split %r gives 0 batches per rank (%d samples, world size %d, batch size %d, drop_last %s)",
                     split, dataset.num_samples(split), world_size, batch_size, drop_last)
     return loader
+
+
+def _preload(modalities: tuple[str, ...]) -> None:
+    """Import the decoders once here, so forked workers inherit them instead of importing each epoch."""
+    if "image" in modalities:
+        import torchvision.io  # noqa: F401
+        import torchvision.transforms.v2.functional  # noqa: F401
+    if "audio" in modalities:
+        import soundfile  # noqa: F401
 
 
 def _world(rank: int | None, world_size: int | None) -> tuple[int, int]:
