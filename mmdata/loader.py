@@ -176,14 +176,21 @@ class Loader:
                 prefetch_factor=self.config.prefetch_factor,
                 generator=torch.Generator().manual_seed(self.plan_config.seed),  # keeps the global RNG untouched
             ))
-        for batch, skipped in it:
-            if skipped:
-                self.skipped += len(skipped)
-                self.skipped_samples = (self.skipped_samples + skipped)[-1000:]
-            if pin and self.num_workers == 0:
-                batch = batch.pin_memory()
-            self.batches += 1
-            yield batch
+        try:
+            for batch, skipped in it:
+                if skipped:
+                    self.skipped += len(skipped)
+                    self.skipped_samples = (self.skipped_samples + skipped)[-1000:]
+                if pin and self.num_workers == 0:
+                    batch = batch.pin_memory()
+                self.batches += 1
+                yield batch
+        finally:
+            # Stop the workers now, also on an error or a break: a traceback keeps the DataLoader
+            # iterator alive, and its workers would otherwise linger until garbage collection.
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
         self._normalise()
 
     def state_dict(self) -> dict[str, Any]:
