@@ -235,12 +235,28 @@ def make_loader(dataset: Dataset | str, split: str, *, batch_size: int, num_work
     spec = _spec(dataset, split, modalities, tasks, config)
     tok = None
     if "text" in spec.modalities:
-        tok = open(config.tokenizer, "rb").read() if config.tokenizer else dataset.tokenizer_json
+        tok = _tokenizer_bytes(config.tokenizer) if config.tokenizer else dataset.tokenizer_json
     loader = Loader(dataset, split, Decoder(spec, tok), cfg, rank, world_size, num_workers, on_error, config)
     if len(loader) == 0:
         log.warning("split %r gives 0 batches per rank (%d samples, world size %d, batch size %d, drop_last %s)",
                     split, dataset.num_samples(split), world_size, batch_size, drop_last)
     return loader
+
+
+def _tokenizer_bytes(path: str) -> bytes:
+    """Bytes of a tokenizer.json given as the file or its folder."""
+    import os
+
+    from .errors import DatasetNotFoundError
+    from .tokenizer import TOKENIZER_FILE
+
+    file = os.path.join(path, TOKENIZER_FILE) if os.path.isdir(path) else path
+    try:
+        with open(file, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise DatasetNotFoundError(f"LoaderConfig.tokenizer {path!r} has no tokenizer.json; give the file or "
+                                   "its folder") from None
 
 
 def _preload(modalities: tuple[str, ...]) -> None:

@@ -358,3 +358,14 @@ def test_two_processes_under_torch_distributed(tiny, tmp_path):
     with open(out) as f:
         a, b = json.load(f)
     assert len(a) == len(b) == 23 // 2 // 3 * 3 and not set(a) & set(b)
+
+
+def test_tokenizer_from_a_given_folder(tiny, tmp_path):
+    import shutil
+
+    shutil.copytree(os.path.join(tiny, TOKENIZER_DIR), tmp_path / "tok")
+    cfg = LoaderConfig(tokenizer=str(tmp_path / "tok"), max_text_tokens=3)
+    b = next(iter(make_loader(tiny, "train", batch_size=6, shuffle=False, modalities=["text"], config=cfg)))
+    assert b.text_ids.shape == (6, 3) and b.attention_mask[0].tolist() == [1, 1, 1]  # truncated: [CLS] x [SEP]
+    with pytest.raises(DatasetNotFoundError, match="nowhere"):
+        make_loader(tiny, "train", batch_size=2, config=LoaderConfig(tokenizer=str(tmp_path / "nowhere")))
