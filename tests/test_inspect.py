@@ -1,0 +1,235 @@
+"""mmdata info / verify / show / stats on one small built dataset (copied per test when a test corrupts it)."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import write_folders
+
+from mmdata.build import BuildConfig, build_dataset
+from mmdata.cli import main
+from mmdata.info import dataset_info
+from mmdata.verify import verify_dataset
+
+N_RAW = 12
+BAD_IDS = ("x_empty", "x_corrupt")  # raw records that the build rejects
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    """12 samples (train 9 / val 3, shards of 4) and 2 rejects: an empty image and a corrupt one."""
+    base = tmp_path_factory.mktemp("inspect")
+    raw = write_folders(base / "raw", n=N_RAW)
+    for sid, data in zip(BAD_IDS, (b"", b"not a png at all")):
+        (raw / sid).mkdir()
+        (raw / sid / "image.png").write_bytes(data)
+        (raw / sid / "labels.json").write_text(json.dumps({"digit": 1, "parity": "odd", "speaker": "ann"}))
+    cfg = BuildConfig(val=0.25, max_samples=4, workers=1, tokenizer_vocab=60, max_reject_fraction=0.5)
+    build_dataset(raw, base / "ds", cfg, progress=False)
+    return base / "ds"
+
+
+@pytest.fixture
+def copy(built, tmp_path) -> Path:
+    out = tmp_path / "ds"
+    shutil.copytree(built, out)
+    return out
+
+
+def read_shards(root: Path) -> dict[str, list[tuple[str, dict[str, bytes]]]]:
+    """{split: [(key, {ext: bytes})]} read with tarfile, independently of mmdata."""
+    out = defaultdict(list)
+    for tar_path in sorted(root.glob("*.tar")):
+        split = tar_path.name.rsplit("-", 1)[0]
+        with tarfile.open(tar_path) as tf:
+            for m in tf.getmembers():
+                key, _, ext = m.name.partition(".")
+                if not out[split] or out[split][-1][0] != key:
+                    out[split].append((key, {}))
+                out[split][-1][1][ext] = tf.extractfile(m).read()
+    return dict(out)
+
+
+# ---- info -----------------------------------------------------------------------------------------------
+
+
+def test_info_json_equals_counts_from_the_shards(built, capsys):
+    import soundfile as sf
+    from PIL import Image
+
+    assert main(["info", str(built), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    card = json.loads((built / "dataset.json").read_text())
+    classes = {t["name"]: t["classes"] for t in card["tasks"]}
+    shards = read_shards(built)
+    assert info["samples"] == sum(len(v) for v in shards.values()) == N_RAW
+    assert info["shards"] == len(list(built.glob("*.tar")))
+    assert info["bytes"] == sum(p.stat().st_size for p in built.glob("*.tar"))
+    for split, samples in shards.items():
+        got = info["splits"][split]
+        assert got["samples"] == len(samples)
+        present = Counter()
+        labels = {t: Counter() for t in classes}
+        seconds, sizes, chars = [], Counter(), []
+        for _, members in samples:
+            meta = json.loads(members["json"])
+            for t, v in meta["labels"].items():
+                labels[t]["missing" if v is None else classes[t][v]] += 1
+            for ext, data in members.items():
+                if ext in ("png", "jpg"):
+                    present["image"] += 1
+                    w, h = Image.open(io.BytesIO(data)).size
+                    sizes[f"{w}x{h}"] += 1
+                elif ext in ("flac", "wav"):
+                    present["audio"] += 1
+                    seconds.append(sf.info(io.BytesIO(data)).duration)
+                elif ext == "txt":
+                    present["text"] += 1
+                    chars.append(len(data.decode()))
+        for m in ("image", "audio", "text"):
+            assert got["modalities"][m]["present"] == present[m]
+            assert got["modalities"][m]["percent"] == pytest.approx(100 * present[m] / len(samples), abs=0.01)
+        for t in classes:
+            assert {k: v for k, v in got["labels"][t].items() if v} == dict(labels[t])
+        assert got["audio_seconds"]["total"] == pytest.approx(sum(seconds))
+        assert got["audio_seconds"]["max"] == pytest.approx(max(seconds))
+        assert got["image_sizes"]["most_common"] == dict(sizes)
+        assert got["text_chars"]["total"] == sum(chars)
+    rejects = [json.loads(line) for line in (built / "rejects.jsonl").read_text().splitlines()]
+    assert {r["source_id"] for r in rejects} == set(BAD_IDS)
+    assert info["rejected"]["by_reason"] == dict(Counter(r["reason"] for r in rejects))
+    assert info["input_records"] == N_RAW + len(BAD_IDS)
+
+
+def test_info_reads_fsspec_urls_without_shards(built, capsys):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for name in ("dataset.json", "index.parquet", "rejects.jsonl"):  # no shard: info must not need one
+        fs.pipe(f"/inspect_ds/{name}", (built / name).read_bytes())
+    local = dataset_info(str(built))
+    remote = dataset_info("memory://inspect_ds")
+    assert {**remote, "path": None} == {**local, "path": None}
+    assert dataset_info(f"file://{built}")["samples"] == N_RAW
+    assert main(["info", str(built)]) == 0
+    text = capsys.readouterr().out
+    assert "train" in text and "rejected because" in text
+    fs.rm("/inspect_ds", recursive=True)
+
+
+# ---- verify ---------------------------------------------------------------------------------------------
+
+
+def failures_of(path: Path, **kw) -> list:
+    return verify_dataset(str(path), progress=False, **kw)
+
+
+def set_card_shard(root: Path, file: str, **fields) -> None:
+    card = json.loads((root / "dataset.json").read_text())
+    for split in card["splits"].values():
+        for s in split["shards"]:
+            if s["file"] == file:
+                s.update(fields)
+    (root / "dataset.json").write_text(json.dumps(card))
+
+
+def test_verify_passes_a_clean_dataset(built, capsys):
+    assert failures_of(built, decode=True) == []
+    assert main(["verify", str(built), "--decode", "--no-progress"]) == 0
+    assert capsys.readouterr().out.startswith("ok")
+
+
+def test_verify_catches_one_changed_byte(copy, capsys):
+    shard = copy / "train-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0x01  # inside the first member's data
+    shard.write_bytes(bytes(data))
+    found = failures_of(copy)
+    assert [(f.shard, f.key) for f in found] == [("train-000001.tar", None)]
+    assert "sha256" in found[0].what
+    assert main(["verify", str(copy), "--no-progress"]) == 1
+    assert "train-000001.tar" in capsys.readouterr().out
+
+
+def test_verify_catches_a_deleted_shard(copy):
+    (copy / "val-000000.tar").unlink()
+    found = failures_of(copy, workers=2)
+    assert [(f.shard, f.key) for f in found] == [("val-000000.tar", None)]
+    assert "missing" in found[0].what
+
+
+def test_verify_catches_a_truncated_shard(copy):
+    shard = copy / "train-000000.tar"
+    shard.write_bytes(shard.read_bytes()[:5000])
+    found = [f for f in failures_of(copy) if f.shard == "train-000000.tar"]
+    whats = " | ".join(f.what for f in found)
+    assert "truncated: 5000 bytes, the card says" in whats
+    assert "sha256" in whats
+    assert all(f.shard == "train-000000.tar" for f in failures_of(copy))
+
+
+def test_verify_catches_an_index_row_pointing_at_a_missing_key(copy):
+    table = pq.read_table(copy / "index.parquet")
+    keys = table["key"].to_pylist()
+    victim = keys[0]
+    keys[0] = "ghost"
+    pq.write_table(table.set_column(0, "key", pa.array(keys)), copy / "index.parquet")
+    found = failures_of(copy)
+    ghost = [f for f in found if f.key == "ghost"]
+    assert len(ghost) == 1 and "has no key 'ghost'" in ghost[0].what
+    assert any(f.key == victim and "not in index.parquet" in f.what for f in found)
+
+
+def test_verify_catches_members_that_are_not_adjacent(copy):
+    shard = copy / "train-000000.tar"
+    members = [(m, tf_data) for m, tf_data in _members(shard)]
+    # move the first sample's last member (its .json) behind the second sample's members
+    first_key = members[0][0].name.partition(".")[0]
+    n_first = sum(m.name.startswith(first_key + ".") for m, _ in members)
+    n_second = sum(m.name.startswith(members[n_first][0].name.partition(".")[0] + ".") for m, _ in members)
+    moved = members[n_first - 1]
+    members = members[:n_first - 1] + members[n_first:n_first + n_second] + [moved] + members[n_first + n_second:]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for m, data in members:
+            tf.addfile(m, io.BytesIO(data))
+    shard.write_bytes(buf.getvalue())
+    import hashlib
+
+    set_card_shard(copy, shard.name, bytes=len(buf.getvalue()), sha256=hashlib.sha256(buf.getvalue()).hexdigest())
+    found = failures_of(copy)
+    assert any(f.key == first_key and "not adjacent" in f.what for f in found)
+    assert any("holds 5 samples, the card says 4" in f.what for f in found)
+    assert all(f.shard == shard.name for f in found)
+
+
+def test_verify_catches_a_dot_in_a_key_and_a_label_that_disagrees(copy):
+    shard = copy / "val-000000.tar"
+    members = list(_members(shard))
+    members[0][0].name = members[0][0].name.replace(".", ".v2.", 1)  # "KEY.png" -> "KEY.v2.png"
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for m, data in members:
+            tf.addfile(m, io.BytesIO(data))
+    shard.write_bytes(buf.getvalue())
+    assert any("the key has a dot" in f.what for f in failures_of(copy))
+    table = pq.read_table(copy / "index.parquet")
+    col = table["label:parity"].to_pylist()
+    col[0] = 1 - col[0]
+    pq.write_table(table.set_column(table.column_names.index("label:parity"), "label:parity",
+                                    pa.array(col, pa.int64())), copy / "index.parquet")
+    assert any("label 'parity'" in f.what for f in failures_of(copy, decode=True))
+
+
+def _members(path: Path):
+    with tarfile.open(path) as tf:
+        for m in tf.getmembers():
+            yield m, tf.extractfile(m).read()
