@@ -5,12 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import re
 import shutil
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,22 +31,59 @@ DEFAULT_RATE = 16000
 
 
 def build_dataset(source: str | Path, out: str | Path, config: BuildConfig | None = None, *, layout: str = "auto",
-                  overwrite: bool = False, progress: bool = True, resume: bool = False) -> Card:
-    """Build a sharded dataset in ``out`` from ``source``; return its card. Every record is written or rejected."""
+                  overwrite: bool = False, progress: bool = True, resume: bool = False, executor: str = "local",
+                  ray_address: str | None = None, storage_options: dict[str, Any] | None = None) -> Card:
+    """Build a sharded dataset in ``out`` from ``source``; return its card. Every record is written or rejected.
+
+    ``source`` and ``out`` may be fsspec URLs (``s3://bucket/ds``; ``storage_options`` reach the filesystem).
+    A remote source is fetched to a local temporary folder first. A remote ``out`` is committed card-last
+    (see ``mmdata.storage``): its shards are written there directly by Ray tasks, or staged in a local
+    folder by the local executor, and the card goes up last. ``executor="ray"`` runs the same plan as
+    Ray tasks and writes the same bytes; resuming is for the local executor and a local ``out``.
+    """
+    import tempfile
+
+    from ..storage import Storage, fetch_tree, is_url, publish
+    from .executors import make_executor
+
     config = config or BuildConfig()
-    out = Path(out)
-    root, layout, raws = discover(source, layout, config)
-    log.info("discovered %d records (%s layout) under %s", len(raws), layout, root)
-    tasks = resolve_tasks(raws, config)
-    pool = _Pool(config.num_workers, len(raws))
-    try:
-        return _build(raws, root, layout, tasks, out, config, pool, overwrite=overwrite, resume=resume,
-                      progress=progress)
-    finally:
-        pool.close()
+    remote_out = is_url(out)
+    if resume and (remote_out or executor != "local"):
+        raise ConfigError("--resume works with --executor local and a local output folder; rerun without "
+                          "--resume (with --overwrite) to build again")
+    with tempfile.TemporaryDirectory(prefix="mmdata-build-") as tmp:
+        if is_url(source):
+            source = fetch_tree(str(source), Path(tmp) / "source", storage_options)
+        root, layout, raws = discover(source, layout, config)
+        log.info("discovered %d records (%s layout) under %s", len(raws), layout, root)
+        tasks = resolve_tasks(raws, config)
+        dest = Storage(out if remote_out else Path(out).absolute(), storage_options)
+        if remote_out:
+            _prepare_remote(dest, overwrite=overwrite)
+        work = Path(tmp) / "staging" if remote_out else Path(out)
+        pool = make_executor(executor, workers=config.num_workers, jobs=len(raws), ray_address=ray_address)
+        try:
+            card = _build(raws, root, layout, tasks, work, config, pool, dest, overwrite=overwrite, resume=resume,
+                          progress=progress)
+        finally:
+            pool.close()
+        if remote_out:
+            publish(work, dest)
+        return card
 
 
-def _build(raws, root: Path, layout: str, tasks: tuple[Task, ...], out: Path, config: BuildConfig, pool: _Pool,
+def _prepare_remote(dest, *, overwrite: bool) -> None:
+    """Decommit and clear our own files under a remote ``out``; never touch anything else there."""
+    names = dest.names()
+    if names and not overwrite:
+        raise ConfigError(f"output {dest.url!r} is not empty; pass --overwrite to replace the dataset there")
+    dest.decommit()
+    for name in names:
+        if name in (INDEX_NAME, REJECTS_NAME, TOKENIZER_DIR) or SHARD_RE.match(name):
+            dest.remove(name)
+
+
+def _build(raws, root: Path, layout: str, tasks: tuple[Task, ...], out: Path, config: BuildConfig, pool, dest,
            *, overwrite: bool, resume: bool, progress: bool) -> Card:
     records, rejects = align(raws, root, tasks, config, map_fn=pool.map)
     settings = _media_settings(records, config)
@@ -78,6 +113,12 @@ def _build(raws, root: Path, layout: str, tasks: tuple[Task, ...], out: Path, co
     with open(out / JOURNAL, "a", encoding="utf-8") as jf:
         for split in split_names:
             order = orders[split]
+            if pool.writes_shards:  # Ray: one task per shard, written straight to the destination
+                jobs = [(by_key[k], settings) for k in order]
+                done[split], more = pool.write_split(split, jobs, config.max_samples, config.max_bytes, dest)
+                rejects += more
+                bar.update(len(order))
+                continue
             writer = SplitWriter(out, split, config.max_samples, config.max_bytes, first_index=len(done[split]))
             pending: list[Reject] = []
             jobs = ((by_key[k], settings) for k in order[consumed[split]:])
@@ -99,25 +140,6 @@ def _build(raws, root: Path, layout: str, tasks: tuple[Task, ...], out: Path, co
             rejects += pending
     bar.close()
     return _finish(out, config, resolved, tasks, settings, done, rejects, len(raws))
-
-
-class _Pool:
-    """An order-keeping map over a fork process pool (in-process for one worker or a few records)."""
-
-    def __init__(self, workers: int, jobs: int):
-        self.pool = None
-        if workers > 1 and jobs > 32:
-            self.pool = multiprocessing.get_context("fork").Pool(workers)
-
-    def map(self, fn, jobs) -> Iterator:
-        if self.pool is None:
-            return map(fn, jobs)
-        return self.pool.imap(fn, jobs, chunksize=16)
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
 
 
 def encode_and_pack(job: tuple[Record, MediaSettings]) -> Encoded | Reject:

@@ -1,0 +1,181 @@
+"""Executors: where a build's per-record work runs; a fork pool here, or Ray tasks on a cluster.
+
+Both follow one deterministic plan, so they write byte-identical datasets:
+
+- each split's records are encoded in the split's shuffled order;
+- shards are cut greedily by ``max_samples`` / ``max_bytes`` exactly as ``shards.SplitWriter`` cuts them.
+
+``LocalExecutor`` streams encoded samples through the main process, which appends them to the shard
+being written (the runner's loop, resumable shard by shard). ``RayExecutor`` runs it in two waves of
+tasks: encode tasks (one per chunk of records) return each sample's size to the driver and keep the
+sample bytes in Ray's object store; the driver cuts the shards from those sizes alone, then one write
+task per shard gathers its samples and writes the shard to the destination (local folder or fsspec
+URL). Sample bytes never pass through the driver; the driver only plans and writes the card.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import multiprocessing
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from ..card import ShardInfo
+from ..errors import ConfigError
+from ..format import shard_name
+from .align import Reject
+from .media import Encoded
+from .shards import ShardDone, archive_bytes, index_row
+
+log = logging.getLogger(__name__)
+
+EXECUTORS = ("local", "ray")
+RAY_CHUNK = 32  # records per Ray encode task
+
+
+class LocalExecutor:
+    """An order-keeping map over a fork process pool (in-process for one worker or a few records)."""
+
+    name = "local"
+    writes_shards = False  # the runner's loop writes them as samples arrive
+
+    def __init__(self, workers: int, jobs: int):
+        self.pool = None
+        if workers > 1 and jobs > 32:
+            self.pool = multiprocessing.get_context("fork").Pool(workers)
+
+    def map(self, fn: Callable, jobs: Iterable) -> Iterator:
+        if self.pool is None:
+            return map(fn, jobs)
+        return self.pool.imap(fn, jobs, chunksize=16)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+
+class RayExecutor:
+    """Ray tasks: order-keeping chunked map, and a split written as one task per shard.
+
+    Connects to ``address`` (``"auto"``, ``"ray://host:10001"``, ...) or starts a local Ray; a Ray
+    session that was already initialised is used as it is and left running.
+    """
+
+    name = "ray"
+    writes_shards = True
+
+    def __init__(self, address: str | None = None, num_cpus: int | None = None, chunk: int = RAY_CHUNK):
+        try:
+            import ray
+        except ImportError:
+            raise ConfigError("--executor ray needs Ray: pip install 'mmdata[ray]'") from None
+        self.ray = ray
+        self.chunk = chunk
+        self._owned = not ray.is_initialized()
+        if self._owned:
+            kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+            if address is None:
+                kw["num_cpus"] = num_cpus
+            ray.init(address=address, **kw)
+        self._encode = ray.remote(num_returns=2)(_encode_chunk)
+        self._write = ray.remote(_write_shard)
+        self._map = ray.remote(_map_chunk)
+
+    def map(self, fn: Callable, jobs: Iterable) -> Iterator:
+        jobs = list(jobs)
+        refs = [self._map.remote(fn, jobs[i:i + self.chunk]) for i in range(0, len(jobs), self.chunk)]
+        for ref in refs:
+            yield from self.ray.get(ref)
+
+    def write_split(self, split: str, jobs: list[tuple], max_samples: int, max_bytes: int,
+                    storage) -> tuple[list[ShardDone], list[Reject]]:
+        """Encode ``jobs`` (record, settings) and write the split's shards to ``storage``; return them and rejects."""
+        metas, blocks = [], []
+        for i in range(0, len(jobs), self.chunk):
+            meta, block = self._encode.remote(jobs[i:i + self.chunk])
+            metas.append(meta)
+            blocks.append(block)
+        sizes = self.ray.get(metas)  # per chunk: per record, its block size or its Reject
+        plan, rejects = cut_shards(sizes, max_samples, max_bytes)
+        refs = []
+        for n, picks in enumerate(plan):
+            chunks = sorted({c for c, _ in picks})
+            refs.append(self._write.remote(storage, split, n, picks, chunks, *[blocks[c] for c in chunks]))
+        return list(self.ray.get(refs)), rejects
+
+    def close(self) -> None:
+        if self._owned:
+            self.ray.shutdown()
+
+
+def make_executor(name: str, *, workers: int, jobs: int, ray_address: str | None = None):
+    """The executor called ``name`` ("local" or "ray")."""
+    if name == "local":
+        if ray_address:
+            raise ConfigError(f"--ray-address {ray_address!r} needs --executor ray")
+        return LocalExecutor(workers, jobs)
+    if name == "ray":
+        return RayExecutor(ray_address, num_cpus=workers)
+    raise ConfigError(f"executor must be one of {EXECUTORS}, got {name!r}")
+
+
+def cut_shards(sizes: list[list[int | Reject]], max_samples: int,
+               max_bytes: int) -> tuple[list[list[tuple[int, int]]], list[Reject]]:
+    """Shards as lists of (chunk, item) from the samples' block sizes, cut as SplitWriter.add cuts them."""
+    plan: list[list[tuple[int, int]]] = []
+    rejects: list[Reject] = []
+    count, pos = 0, 0
+    for c, chunk in enumerate(sizes):
+        for i, size in enumerate(chunk):
+            if isinstance(size, Reject):
+                rejects.append(size)
+                continue
+            if count and (count >= max_samples or archive_bytes(pos + size) > max_bytes):
+                count, pos = 0, 0
+            if count == 0:
+                plan.append([])
+            plan[-1].append((c, i))
+            count, pos = count + 1, pos + size
+    return plan, rejects
+
+
+def pack_shard(split: str, index: int, samples: list[Encoded]) -> tuple[bytes, ShardDone]:
+    """A whole shard's bytes and its ShardDone; the same bytes as SplitWriter writes for these samples."""
+    name = shard_name(split, index)
+    rows, texts, pos = [], [], 0
+    for enc in samples:
+        rows.append(index_row(enc, split, name, pos, len(enc.block)))
+        pos += len(enc.block)
+        if enc.text is not None:
+            texts.append(enc.text)
+    data = b"".join([*(e.block for e in samples), b"\0" * (archive_bytes(pos) - pos)])
+    return data, ShardDone(ShardInfo(name, len(samples), len(data), hashlib.sha256(data).hexdigest()), rows, texts)
+
+
+# ---- Ray task bodies (plain functions: Ray ships them by reference to the mmdata module) ---------------------
+
+
+def _map_chunk(fn: Callable, jobs: list) -> list:
+    return [fn(job) for job in jobs]
+
+
+def _encode_chunk(jobs: list[tuple]) -> tuple[list[int | Reject], list[Encoded | None]]:
+    from .runner import encode_and_pack
+
+    results = [encode_and_pack(job) for job in jobs]
+    sizes = [r if isinstance(r, Reject) else len(r.block) for r in results]
+    return sizes, [None if isinstance(r, Reject) else r for r in results]
+
+
+def _write_shard(storage, split: str, index: int, picks: list[tuple[int, int]], chunks: list[int],
+                 *blocks: list[Encoded | None]) -> ShardDone:
+    by_chunk = dict(zip(chunks, blocks))
+    samples = [by_chunk[c][i] for c, i in picks]
+    data, done = pack_shard(split, index, samples)
+    storage.write(done.info.file, data)
+    return done
+
+
+__all__ = ["EXECUTORS", "LocalExecutor", "RayExecutor", "cut_shards", "make_executor", "pack_shard"]

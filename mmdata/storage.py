@@ -1,0 +1,229 @@
+"""Storage: a dataset folder on any fsspec filesystem, with retried reads/writes and a card-last commit.
+
+Object stores (S3, GCS) have no rename, so a dataset there is committed by order, not by rename:
+
+1. ``decommit`` removes an existing card first, so a reader finds no dataset rather than a half-old one;
+2. shards, index, rejects and tokenizer are written (each object PUT is atomic; locally a file is written
+   under a ``.partial`` staging name and renamed);
+3. the card, ``dataset.json``, is written last: it is the commit point. A reader opens a dataset by its card
+   and the card lists every shard with its size and sha256, so a reader never sees a dataset without its
+   card, nor a card whose shards are not all in place.
+
+A local build for a remote destination is staged in a local folder and published with ``publish``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .errors import ConfigError, DatasetNotFoundError
+from .format import CARD_NAME
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+STAGING_SUFFIX = ".partial"
+# errors that a retry cannot fix: raised at once
+PERMANENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, ConfigError)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how patiently a read or write is retried: delay doubles from ``base_delay``."""
+
+    attempts: int = 5
+    base_delay: float = 0.2
+    max_delay: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ConfigError(f"attempts must be positive, got {self.attempts}")
+        if self.base_delay < 0 or self.max_delay < 0:
+            raise ConfigError(f"retry delays must be 0 or more, got {self.base_delay}, {self.max_delay}")
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    """True for ``scheme://...`` other than ``file://`` (those go through fsspec)."""
+    text = os.fspath(path)
+    return "://" in text and not text.startswith("file://")
+
+
+def url_to_fs(url: str | os.PathLike, storage_options: dict[str, Any] | None = None):
+    """(fsspec filesystem, path inside it) for a local path or URL; ConfigError naming a missing backend."""
+    import fsspec
+
+    text = os.fspath(url)
+    try:
+        return fsspec.core.url_to_fs(text, **(storage_options or {}))
+    except ImportError as e:
+        scheme = text.split("://", 1)[0]
+        extra = {"s3": "mmdata[s3] (s3fs)", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
+        raise ConfigError(f"{text!r} needs the fsspec backend for {scheme!r}: install "
+                          f"{extra.get(scheme, 'its fsspec package')} ({e})") from None
+
+
+def with_retries(fn: Callable[[], T], what: str, policy: RetryPolicy = RetryPolicy()) -> T:
+    """Call ``fn``; retry transient errors with exponential backoff, raise permanent ones at once."""
+    delay = policy.base_delay
+    for attempt in range(1, policy.attempts + 1):
+        try:
+            return fn()
+        except PERMANENT:
+            raise
+        except (OSError, TimeoutError, ConnectionError) as e:
+            if attempt == policy.attempts:
+                raise
+            log.warning("%s failed (%s: %s); retry %d of %d in %.1f s", what, type(e).__name__, e, attempt,
+                        policy.attempts - 1, delay)
+            time.sleep(delay)
+            delay = min(policy.max_delay, max(delay * 2, 0.01))
+    raise AssertionError("unreachable")
+
+
+class Storage:
+    """A folder (local path or URL) with retried, staged file operations; pickles as its URL and options."""
+
+    def __init__(self, url: str | os.PathLike, storage_options: dict[str, Any] | None = None,
+                 retry: RetryPolicy = RetryPolicy()):
+        self.url = os.fspath(url).rstrip("/")
+        self.storage_options = dict(storage_options or {})
+        self.retry = retry
+        self._fs = None
+
+    def __repr__(self) -> str:
+        return f"Storage({self.url!r})"
+
+    @property
+    def fs(self):
+        if self._fs is None:
+            self._fs, self._root = url_to_fs(self.url, self.storage_options)
+        return self._fs
+
+    @property
+    def root(self) -> str:
+        self.fs  # noqa: B018 (resolves _root)
+        return self._root.rstrip("/")
+
+    @property
+    def is_local(self) -> bool:
+        from fsspec.implementations.local import LocalFileSystem
+
+        return isinstance(self.fs, LocalFileSystem)
+
+    def path(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def read(self, name: str, start: int | None = None, end: int | None = None) -> bytes:
+        """Bytes ``start:end`` of file ``name`` (all of it by default); FileNotFoundError when absent."""
+        return with_retries(lambda: self.fs.cat_file(self.path(name), start=start, end=end),
+                            f"reading {self.url}/{name}", self.retry)
+
+    def write(self, name: str, data: bytes) -> None:
+        """Write ``name`` whole: locally under a staging name then renamed; on an object store one PUT."""
+        if self.is_local:
+            path = Path(self.path(name))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + STAGING_SUFFIX)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            return
+        with_retries(lambda: self.fs.pipe_file(self.path(name), data), f"writing {self.url}/{name}", self.retry)
+
+    def upload(self, local: str | os.PathLike, name: str) -> None:
+        """Copy local file ``local`` to ``name`` (staged like ``write``) and check its size."""
+        size = os.path.getsize(local)
+        if self.is_local:
+            import shutil
+
+            path = Path(self.path(name))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + STAGING_SUFFIX)
+            shutil.copyfile(local, tmp)
+            os.replace(tmp, path)
+            return
+        with_retries(lambda: self.fs.put_file(os.fspath(local), self.path(name)), f"uploading {name}", self.retry)
+        got = self.size(name)
+        if got != size:
+            raise OSError(f"{self.url}/{name} has {got} bytes after upload, expected {size}; retry the build")
+
+    def download(self, name: str, local: str | os.PathLike) -> None:
+        with_retries(lambda: self.fs.get_file(self.path(name), os.fspath(local)), f"downloading {name}",
+                     self.retry)
+
+    def exists(self, name: str) -> bool:
+        return with_retries(lambda: self.fs.exists(self.path(name)), f"checking {self.url}/{name}", self.retry)
+
+    def size(self, name: str) -> int:
+        return int(with_retries(lambda: self.fs.size(self.path(name)), f"sizing {self.url}/{name}", self.retry))
+
+    def remove(self, name: str) -> None:
+        """Remove file or folder ``name``; absent is fine."""
+        try:
+            self.fs.rm(self.path(name), recursive=True)
+        except FileNotFoundError:
+            pass
+        self.fs.invalidate_cache()
+
+    def names(self) -> list[str]:
+        """Names directly under the folder (files and folders); empty when it does not exist."""
+        try:
+            entries = self.fs.ls(self.root, detail=False, refresh=True)
+        except FileNotFoundError:
+            return []
+        except TypeError:  # filesystems without ``refresh``
+            entries = self.fs.ls(self.root, detail=False)
+        return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries if e.rstrip("/") != self.root)
+
+    def decommit(self) -> None:
+        """Remove the card first: from here on readers see no dataset until ``publish`` writes a new one."""
+        self.remove(CARD_NAME)
+
+    def __getstate__(self):
+        return {"url": self.url, "storage_options": self.storage_options, "retry": self.retry, "_fs": None}
+
+
+def publish(local_dir: str | os.PathLike, dest: Storage) -> None:
+    """Upload every file of ``local_dir`` to ``dest``, the card last (the commit point)."""
+    local_dir = Path(local_dir)
+    files = sorted(p for p in local_dir.rglob("*") if p.is_file() and not p.name.endswith(STAGING_SUFFIX))
+    card = local_dir / CARD_NAME
+    if card not in files:
+        raise DatasetNotFoundError(f"no {CARD_NAME} in {str(local_dir)!r}: nothing to publish")
+    dest.decommit()
+    for p in files:
+        if p != card:
+            dest.upload(p, p.relative_to(local_dir).as_posix())
+    dest.upload(card, CARD_NAME)
+    log.info("published %d files to %s", len(files), dest.url)
+
+
+def fetch_tree(url: str, local_dir: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> Path:
+    """Copy a remote folder (or the folder of a remote file, e.g. a manifest) into ``local_dir``.
+
+    Returns the local path that stands for ``url``: the folder, or the file inside it.
+    """
+    fs, path = url_to_fs(url, storage_options)
+    path = path.rstrip("/")
+    if not fs.exists(path):
+        raise DatasetNotFoundError(f"source {url!r} does not exist; check the URL and --storage-options")
+    is_file = fs.isfile(path)
+    folder = path.rsplit("/", 1)[0] if is_file else path
+    local_dir = Path(local_dir)
+    for remote in fs.find(folder):
+        rel = remote[len(folder):].lstrip("/")
+        target = local_dir / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with_retries(lambda r=remote, t=target: fs.get_file(r, os.fspath(t)), f"fetching {remote}")
+    return local_dir / path.rsplit("/", 1)[-1] if is_file else local_dir
+
+
+__all__ = ["RetryPolicy", "Storage", "fetch_tree", "is_url", "publish", "url_to_fs", "with_retries"]
