@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 from pathlib import Path
 
@@ -127,3 +128,95 @@ def test_unsupported_executor_choices_are_named(raw_slice, tmp_path):
         build_dataset(raw_slice, tmp_path / "o", executor="spark")
     with pytest.raises(ConfigError, match="needs --executor ray"):
         build_dataset(raw_slice, tmp_path / "o", ray_address="auto")
+
+
+# ---- the local shard cache -------------------------------------------------------------------------------
+
+
+def _fetcher(calls: list, payload: dict):
+    def fetch_for(url):
+        def fetch(path):
+            calls.append(url)
+            Path(path).write_bytes(payload[url])
+        return fetch
+    return fetch_for
+
+
+def _read(fd: int) -> bytes:
+    try:
+        return os.pread(fd, 1 << 20, 0)
+    finally:
+        os.close(fd)
+
+
+def test_cache_keeps_the_most_recently_used_copies_within_its_limit(tmp_path):
+    from mmdata.cache import ShardCache
+
+    payload = {f"s3://b/ds/train-{i:06d}.tar": bytes([i]) * 100 for i in range(5)}
+    urls = list(payload)
+    calls: list = []
+    fetch = _fetcher(calls, payload)
+    cache = ShardCache(tmp_path / "c", max_bytes=250)
+    assert _read(cache.open(urls[0], fetch(urls[0]), size=100)) == payload[urls[0]]
+    assert _read(cache.open(urls[1], fetch(urls[1]), size=100)) == payload[urls[1]]
+    assert _read(cache.open(urls[0], fetch(urls[0]), size=100)) == payload[urls[0]]  # a hit: no fetch
+    assert calls == urls[:2]
+    assert _read(cache.open(urls[2], fetch(urls[2]), size=100)) == payload[urls[2]]
+    assert cache.usage() <= 250
+    calls.clear()
+    _read(cache.open(urls[0], fetch(urls[0])))  # recently used: kept
+    _read(cache.open(urls[1], fetch(urls[1])))  # least recently used: was evicted
+    assert calls == [urls[1]]
+
+
+def test_cache_ignores_and_cleans_a_stale_partial_download(tmp_path):
+    from mmdata.cache import ShardCache
+
+    url = "s3://b/ds/train-000000.tar"
+    cache = ShardCache(tmp_path / "c", max_bytes=1000)
+    stale = cache.entries / f"{cache.name(url)}.4242.partial"
+    stale.write_bytes(b"half")
+    calls: list = []
+    assert _read(cache.open(url, _fetcher(calls, {url: b"whole"})(url), size=5)) == b"whole"
+    assert calls == [url]
+    stale.write_bytes(b"half")  # a crash left it; the next cache on this folder removes it
+    ShardCache(tmp_path / "c", max_bytes=1000)
+    assert not stale.exists() and (cache.entries / cache.name(url)).read_bytes() == b"whole"
+
+
+def test_cache_rejects_a_download_of_the_wrong_size_and_keeps_nothing(tmp_path):
+    from mmdata.cache import ShardCache
+    from mmdata.errors import CorruptShardError
+
+    url = "s3://b/ds/train-000000.tar"
+    cache = ShardCache(tmp_path / "c", max_bytes=1000)
+    with pytest.raises(CorruptShardError, match="train-000000.tar.*has 3 bytes but the card says 9"):
+        cache.open(url, lambda p: Path(p).write_bytes(b"abc"), size=9)
+    assert list(cache.entries.iterdir()) == []
+
+
+def test_cache_downloads_once_under_concurrent_readers(tmp_path):
+    import threading
+    import time
+
+    from mmdata.cache import ShardCache
+
+    url = "s3://b/ds/train-000000.tar"
+    calls: list = []
+
+    def slow_fetch(path):
+        calls.append(path)
+        time.sleep(0.2)
+        Path(path).write_bytes(b"x" * 64)
+
+    results: list = []
+
+    def reader():  # each thread its own ShardCache: locks are taken as separate processes would
+        results.append(_read(ShardCache(tmp_path / "c", max_bytes=1000).open(url, slow_fetch, size=64)))
+
+    threads = [threading.Thread(target=reader) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert results == [b"x" * 64] * 4 and len(calls) == 1
