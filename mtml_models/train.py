@@ -158,8 +158,12 @@ def _autocast(session: Session):
 
 
 def train(cfg: TrainConfig, data: str, out: str | Path, *, resume: bool = False,
-          device: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """Train and return the best epoch's record (epoch, validation metrics)."""
+          device: str | None = None, progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
+    """Train and return the best epoch's record (epoch, validation metrics).
+
+    ``stop_after`` ends this invocation after that many epochs (a time-boxed or preemptible job);
+    ``resume=True`` later continues the same schedule from ``out/last``.
+    """
     from tqdm import tqdm
 
     from mmdata import make_loader
@@ -203,7 +207,7 @@ def train(cfg: TrainConfig, data: str, out: str | Path, *, resume: bool = False,
         meta, extra = load_checkpoint(out / "last", model, opt)
         weighting.load_state_dict({k[len("weighting."):]: v for k, v in extra.items()
                                    if k.startswith("weighting.")})
-        sched.load_state_dict({"last_epoch": meta["step"], "_step_count": meta["step"] + 1})
+        sched.last_epoch = meta["step"]  # the lr itself came back with the optimizer's param groups
         start, history, best, baseline = meta["epoch"] + 1, meta["history"], meta["best"], meta["baseline"]
         if meta["card_digest"] != card_digest(ds):
             log.warning("resuming on a dataset whose card differs from the one the run started on")
@@ -216,11 +220,11 @@ def train(cfg: TrainConfig, data: str, out: str | Path, *, resume: bool = False,
         train_model = torch.compile(model)
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[dev.index] if dev.type == "cuda" else None,
-            find_unused_parameters=True)  # a modality absent from a whole batch leaves its encoder idle
+            train_model, device_ids=[dev.index] if dev.type == "cuda" else None)
     meta_base = {"config": cfg.to_dict(), "card_digest": card_digest(ds), "data": str(data),
                  "tasks": [t.to_dict() for t in session.tasks]}
-    for epoch in range(start, cfg.optim.epochs):
+    end = cfg.optim.epochs if stop_after is None else min(cfg.optim.epochs, start + stop_after)
+    for epoch in range(start, end):
         train_loader.set_epoch(epoch)
         torch.manual_seed(cfg.seed * 1_000_003 + epoch * 101 + rank)  # dropout: reproducible on resume
         gen = torch.Generator(dev).manual_seed(cfg.seed * 1_000_003 + epoch * 101 + rank + 7)
@@ -309,6 +313,8 @@ def add_arguments(p) -> None:
                    help="override a config value, e.g. --set optim.epochs=5 --set model.fusion.name=late")
     p.add_argument("--resume", action="store_true", help="continue from RUN/last after the last finished epoch")
     p.add_argument("--device", help="torch device (default: this rank's CUDA device, else cpu)")
+    p.add_argument("--stop-after", type=int, metavar="N",
+                   help="stop after N epochs of this invocation; continue later with --resume")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -324,7 +330,8 @@ def run(args) -> int:
             cfg = TrainConfig.from_dict(apply_overrides(cfg.to_dict(), args.set))
     else:
         cfg = load_config(config, args.set)
-    best = train(cfg, args.data, args.out, resume=args.resume, device=args.device, progress=not args.no_progress)
+    best = train(cfg, args.data, args.out, resume=args.resume, device=args.device,
+                 progress=not args.no_progress, stop_after=args.stop_after)
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(json.dumps({"best_epoch": best["epoch"], "metrics": best["metrics"]}, indent=2))
     if dist.is_initialized():
