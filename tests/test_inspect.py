@@ -233,3 +233,99 @@ def _members(path: Path):
     with tarfile.open(path) as tf:
         for m in tf.getmembers():
             yield m, tf.extractfile(m).read()
+
+
+# ---- show / stats ---------------------------------------------------------------------------------------
+
+
+def _png_ok(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        return im.size
+
+
+def test_show_draws_every_sample_of_a_split_with_blanks_for_missing_media(built):
+    import matplotlib.pyplot as plt
+
+    from mmdata.show import contact_sheet
+
+    index = pq.read_table(built / "index.parquet").to_pylist()
+    train = [r for r in index if r["split"] == "train"]
+    fig = contact_sheet(str(built), "train", n=100, seed=3)  # more than the split holds: every sample once
+    try:
+        assert len(fig.axes) == 4 * len(train)
+        texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+        assert sorted(t for t in texts if t in {r["key"] for r in train}) == sorted(r["key"] for r in train)
+        no_audio = sum("audio" not in r["modalities"] for r in train)
+        assert no_audio and texts.count("no audio") == 2 * no_audio  # waveform and log-mel panels
+        assert texts.count("(no text)") == sum("text" not in r["modalities"] for r in train)
+    finally:
+        plt.close(fig)
+
+
+def test_show_cli_writes_a_png_and_the_same_seed_draws_the_same_samples(built, tmp_path, capsys):
+    from mmdata.dataset import open_dataset
+    from mmdata.show import pick_samples
+
+    out = tmp_path / "sheet.png"
+    assert main(["show", str(built), "--split", "train", "-n", "3", "--seed", "1", "-o", str(out)]) == 0
+    assert "12 panels" in capsys.readouterr().out
+    w, h = _png_ok(out)
+    assert h > 200 and w > 400
+    ds = open_dataset(built)
+    keys = [s.key for s in pick_samples(ds, "train", 3, seed=1)]
+    assert keys == [s.key for s in pick_samples(ds, "train", 3, seed=1)] and len(set(keys)) == 3
+    assert any([s.key for s in pick_samples(ds, "train", 3, seed=k)] != keys for k in range(2, 6))
+
+
+def test_show_augment_draws_before_and_after(built, tmp_path):
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from mmdata.show import contact_sheet, read_augment_config
+
+    cfg = tmp_path / "aug.yaml"
+    cfg.write_text("augment:\n  image: {size: [6, 7]}\n  audio: {n_mels: 16, noise_p: 1.0, snr_db: [0, 5]}\n")
+    fig = contact_sheet(str(built), "val", n=2, seed=0, augment=read_augment_config(str(cfg)))
+    try:
+        assert len(fig.axes) == 6 * 2
+        for row in range(2):
+            before, after = (fig.axes[6 * row + c].images[0].get_array() for c in (0, 1))
+            assert before.shape[0] == 8 and 8 <= before.shape[1] <= 10  # the stored size (8 + i % 3 wide)
+            assert after.shape[:2] == (6, 7)  # the config's output size
+            mel, aug_mel = (np.asarray(fig.axes[6 * row + c].images[0].get_array()) for c in (3, 4))
+            assert mel.shape == aug_mel.shape and mel.shape[0] == 16  # the config's n_mels
+            assert not np.allclose(mel, aug_mel, atol=1e-3)  # noise at 0-5 dB SNR on every clip
+    finally:
+        plt.close(fig)
+
+
+def test_show_rejects_prints_each_reject_and_its_reason(built, capsys):
+    assert main(["show", str(built), "--rejects"]) == 0
+    out = capsys.readouterr().out
+    rejects = [json.loads(line) for line in (built / "rejects.jsonl").read_text().splitlines()]
+    for r in rejects:
+        assert r["source_id"] in out and r["reason"] in out
+
+
+def test_stats_has_a_panel_per_task_and_media_kind_and_label_shares_add_up(built, tmp_path, capsys):
+    import matplotlib.pyplot as plt
+
+    from mmdata.stats import stats_figure
+
+    fig = stats_figure(str(built))
+    try:
+        assert len(fig.axes) == 3 + 3  # digit, parity, speaker; audio seconds, image sizes, text length
+        for ax in fig.axes[:3]:  # each split's bars are % of that split, missing included
+            for bars in ax.containers:
+                assert sum(b.get_height() for b in bars) == pytest.approx(100.0)
+        sizes = fig.axes[4]
+        assert sorted(t.get_text() for t in sizes.get_xticklabels()) == ["10x8", "8x8", "9x8"]
+    finally:
+        plt.close(fig)
+    out = tmp_path / "stats.png"
+    assert main(["stats", str(built), "-o", str(out)]) == 0
+    assert _png_ok(out)[0] > 400
