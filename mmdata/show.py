@@ -163,6 +163,11 @@ def contact_sheet(path: str, split: str, n: int = 8, seed: int = 0, augment: dic
     rate = ds.card.modalities.get("audio", {}).get("sample_rate") or 16000
     mels = log_mel([s.audio for s in shown], rate)
     columns = AUGMENT_COLUMNS if augment is not None else PLAIN_COLUMNS
+    # a modality the whole dataset lacks gets no column
+    absent = {"image": ("image", "augmented"), "audio": ("waveform", "log-mel", "augmented log-mel")}
+    for m, cols in absent.items():
+        if m not in ds.card.modalities:
+            columns = tuple(c for c in columns if c not in cols)
     if augment is not None:
         aug_images, mels, aug_mels = augmented(ds, shown, augment, seed)
     widths = {"image": 1.1, "augmented": 1.1, "waveform": 2.2, "log-mel": 2.2, "augmented log-mel": 2.2,

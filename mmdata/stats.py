@@ -117,9 +117,7 @@ def _hist(ax, values: dict[str, list], color: dict[str, str], title: str, xlabel
         lo, hi = float(every.min()), float(every.max())
         if np.all(every == np.round(every)) and hi - lo <= 60:  # small integers: one bin per value
             bins = np.arange(lo - 0.5, hi + 1.5)
-            from matplotlib.ticker import MaxNLocator
-
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xticks(np.arange(lo, hi + 1, max(1, int(np.ceil((hi - lo + 1) / 10)))))
         else:
             bins = np.linspace(lo, hi if hi > lo else lo + 1, 31)
         for s, v in vals.items():

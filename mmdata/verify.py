@@ -71,6 +71,9 @@ def verify_dataset(path: str, decode: bool = False, workers: int = 1, progress: 
     for key, n in Counter(r["key"] for r in index).items():
         if n > 1:
             failures.append(Failure("index.parquet", key, f"key appears in {n} index rows; keys must be unique"))
+    for stray in _tar_files(ds.root) - set(card_files):
+        failures.append(Failure(stray, None, "tar file in the dataset folder is not listed in dataset.json; "
+                                             "remove it or rebuild"))
     jobs = [ShardJob(ds.url(s.file), s.file, s.samples, s.bytes, s.sha256, tuple(rows_of[s.file]), decode)
             for info in ds.card.splits.values() for s in info.shards]
     keys_seen: dict[str, str] = {}
@@ -88,6 +91,17 @@ def verify_dataset(path: str, decode: bool = False, workers: int = 1, progress: 
     finally:
         bar.close()
     return failures
+
+
+def _tar_files(root: str) -> set[str]:
+    """Names of the ``*.tar`` files directly under ``root`` (local or fsspec)."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(root)
+    try:
+        return {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.glob(f"{path.rstrip('/')}/*.tar")}
+    except (FileNotFoundError, NotImplementedError):
+        return set()
 
 
 def _map(fn, jobs: list, workers: int):

@@ -166,6 +166,23 @@ def test_verify_catches_a_deleted_shard(copy):
     assert "missing" in found[0].what
 
 
+def test_verify_reads_fsspec_urls_and_flags_a_stray_shard(built):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for f in built.iterdir():
+        if f.is_file():
+            fs.pipe(f"/verify_ds/{f.name}", f.read_bytes())
+    try:
+        assert verify_dataset("memory://verify_ds", decode=True, progress=False) == []
+        fs.pipe("/verify_ds/train-000009.tar", (built / "val-000000.tar").read_bytes())
+        found = verify_dataset("memory://verify_ds", progress=False)
+        assert [(f.shard, f.key) for f in found] == [("train-000009.tar", None)]
+        assert "not listed in dataset.json" in found[0].what
+    finally:
+        fs.rm("/verify_ds", recursive=True)
+
+
 def test_verify_catches_a_truncated_shard(copy):
     shard = copy / "train-000000.tar"
     shard.write_bytes(shard.read_bytes()[:5000])
@@ -262,6 +279,22 @@ def test_show_draws_every_sample_of_a_split_with_blanks_for_missing_media(built)
         no_audio = sum("audio" not in r["modalities"] for r in train)
         assert no_audio and texts.count("no audio") == 2 * no_audio  # waveform and log-mel panels
         assert texts.count("(no text)") == sum("text" not in r["modalities"] for r in train)
+    finally:
+        plt.close(fig)
+
+
+def test_show_leaves_out_columns_of_modalities_the_dataset_lacks(tmp_path):
+    import matplotlib.pyplot as plt
+    from conftest import write_tars
+
+    from mmdata.show import contact_sheet
+
+    build_dataset(write_tars(tmp_path / "raw"), tmp_path / "ds", BuildConfig(workers=1, tokenizer_vocab=0),
+                  progress=False)  # images and one label only
+    fig = contact_sheet(str(tmp_path / "ds"), "train", n=3)
+    try:
+        assert len(fig.axes) == 2 * 3  # image, text and labels
+        assert [ax.get_title() for ax in fig.axes[:2]] == ["image", "text and labels"]
     finally:
         plt.close(fig)
 
