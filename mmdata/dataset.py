@@ -38,10 +38,13 @@ class SplitIndex:
 class Dataset:
     """A dataset on disk or behind an fsspec URL; cheap to pickle (the card and arrays, no open files)."""
 
-    def __init__(self, root: str, card: Card, index_table):
+    def __init__(self, root: str, card: Card, index_table, storage_options: dict | None = None,
+                 cache: tuple[str, int] | None = None):
         self.root = root.rstrip("/")
         self.card = card
         self._table = index_table  # pyarrow.Table of index.parquet
+        self.storage_options = dict(storage_options or {})  # fsspec options for a URL root
+        self.cache = cache  # (folder, bytes) of a mmdata.cache.ShardCache for a URL root, or None
 
     def __repr__(self) -> str:
         return f"Dataset({self.root!r}, splits={ {s: self.num_samples(s) for s in self.splits} })"
@@ -131,7 +134,7 @@ class Dataset:
         from .tokenizer import TOKENIZER_FILE
 
         try:
-            return _read_bytes(self.url(f"{TOKENIZER_DIR}/{TOKENIZER_FILE}"))
+            return _read_bytes(self.url(f"{TOKENIZER_DIR}/{TOKENIZER_FILE}"), self.storage_options)
         except FileNotFoundError:
             return None
 
@@ -158,24 +161,36 @@ def _local(path: str) -> str:
     return path[len("file://"):] if path.startswith("file://") else path
 
 
-def _read_bytes(path: str) -> bytes:
+def _read_bytes(path: str, storage_options: dict | None = None) -> bytes:
     if is_url(path):
         import fsspec
 
-        with fsspec.open(path, "rb") as f:
+        with fsspec.open(path, "rb", **(storage_options or {})) as f:
             return f.read()
     with open(_local(path), "rb") as f:
         return f.read()
 
 
-def open_dataset(path_or_url: str | os.PathLike) -> Dataset:
-    """Open a dataset built by ``mmdata build``: a local folder, ``file://``, or any fsspec URL."""
+def open_dataset(path_or_url: str | os.PathLike, *, storage_options: dict | None = None,
+                 cache_dir: str | os.PathLike | None = None, cache_bytes: int = 20 * 2**30) -> Dataset:
+    """Open a dataset built by ``mmdata build``: a local folder, ``file://``, or any fsspec URL.
+
+    ``storage_options`` go to fsspec (e.g. ``{"client_kwargs": {"endpoint_url": ...}}`` for S3). With
+    ``cache_dir``, shards behind a URL are read from whole local copies kept there (``mmdata.cache``,
+    at most ``cache_bytes``, shared by processes), so later epochs do not fetch them again.
+    """
     import pyarrow.parquet as pq
 
     root = os.fspath(path_or_url)
     root = root if is_url(root) else os.path.abspath(_local(root))
+    cache = None
+    if cache_dir is not None and is_url(root):
+        from .cache import ShardCache
+
+        cache = (os.path.abspath(os.fspath(cache_dir)), int(cache_bytes))
+        ShardCache(*cache)  # checks the limit, makes the folder, cleans partial downloads left by a crash
     try:
-        card = Card.from_json(_read_bytes(f"{root.rstrip('/')}/{CARD_NAME}").decode("utf-8"))
+        card = Card.from_json(_read_bytes(f"{root.rstrip('/')}/{CARD_NAME}", storage_options).decode("utf-8"))
     except FileNotFoundError:
         hint = ""
         if not is_url(root) and os.path.isdir(root) and any(n.endswith(".tar") for n in os.listdir(root)):
@@ -188,7 +203,7 @@ def open_dataset(path_or_url: str | os.PathLike) -> Dataset:
         if is_url(root):
             import fsspec
 
-            with fsspec.open(index_path, "rb") as f:
+            with fsspec.open(index_path, "rb", **(storage_options or {})) as f:
                 table = pq.read_table(f)
         else:
             table = pq.read_table(index_path)
@@ -197,6 +212,6 @@ def open_dataset(path_or_url: str | os.PathLike) -> Dataset:
     missing = {"key", "split", "shard", "offset", "size"} - set(table.column_names)
     if missing:
         raise SchemaError(f"{index_path!r} lacks columns {sorted(missing)}; rebuild the dataset")
-    ds = Dataset(root, card, table)
+    ds = Dataset(root, card, table, storage_options, cache)
     log.debug("opened %r", ds)
     return ds

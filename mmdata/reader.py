@@ -22,21 +22,23 @@ class ShardReader:
 
     def __init__(self, dataset: Dataset, split: str):
         self.dataset = dataset
+        self.split = split
         self.index: SplitIndex = dataset.split_index(split)
         self._fds: dict[int, object] = {}
         self._remote = is_url(dataset.root)
+        self._fs = None
 
     def read_range(self, shard: int, start: int, length: int) -> bytes:
         """``length`` bytes of shard ``shard`` from ``start``; CorruptShardError when missing or short."""
         file = self.index.files[shard]
         path = self.dataset.url(file)
         try:
-            if self._remote:
+            if self._remote and self.dataset.cache is None:
                 data = self._fs_cat(path, start, start + length)
             else:
                 fd = self._fds.get(shard)
                 if fd is None:
-                    fd = self._fds[shard] = os.open(_local(path), os.O_RDONLY)
+                    fd = self._fds[shard] = self._open(shard, path)
                 data = os.pread(fd, length, start)
         except FileNotFoundError:
             raise CorruptShardError(f"shard {file!r} is missing from {self.dataset.root!r}; restore it or "
@@ -50,11 +52,30 @@ class ShardReader:
                                     f" but the file ends at {start + len(data)}; rebuild the dataset")
         return data
 
-    def _fs_cat(self, path: str, start: int, end: int) -> bytes:
-        import fsspec
+    def _open(self, shard: int, path: str) -> int:
+        """A descriptor of a local shard, or of the cached local copy of a remote one."""
+        if not self._remote:
+            return os.open(_local(path), os.O_RDONLY)
+        from .cache import ShardCache
+        from .storage import with_retries
 
-        fs, p = fsspec.core.url_to_fs(path)
-        return fs.cat_file(p, start=start, end=end)
+        fs, p = self._url_to_fs(path)
+        size = self.dataset.card.splits[self.split].shards[shard].bytes
+        return ShardCache(*self.dataset.cache).open(
+            path, lambda tmp: with_retries(lambda: fs.get_file(p, tmp), f"downloading {path}"), size)
+
+    def _fs_cat(self, path: str, start: int, end: int) -> bytes:
+        from .storage import with_retries
+
+        fs, p = self._url_to_fs(path)
+        return with_retries(lambda: fs.cat_file(p, start=start, end=end), f"reading {path}")
+
+    def _url_to_fs(self, path: str):
+        from .storage import url_to_fs
+
+        if self._fs is None:  # one filesystem per reader (per worker), with the dataset's options
+            self._fs = url_to_fs(self.dataset.root, self.dataset.storage_options)[0]
+        return self._fs, self._fs._strip_protocol(path)
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -64,6 +85,7 @@ class ShardReader:
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_fds"] = {}  # file descriptors never cross a process boundary
+        state["_fs"] = None
         return state
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .errors import ConfigError, DatasetNotFoundError
+from .errors import ConfigError, DatasetNotFoundError, MmdataError
 from .format import CARD_NAME
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 STAGING_SUFFIX = ".partial"
 # errors that a retry cannot fix: raised at once
-PERMANENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, ConfigError)
+PERMANENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, MmdataError)
 
 
 @dataclass(frozen=True)

@@ -220,3 +220,104 @@ def test_cache_downloads_once_under_concurrent_readers(tmp_path):
     for t in threads:
         t.join(10)
     assert results == [b"x" * 64] * 4 and len(calls) == 1
+
+
+# ---- streaming from the loopback S3 server ----------------------------------------------------------------
+
+def _loader(ds, **kw):
+    from mmdata import LoaderConfig, make_loader
+
+    args = {"batch_size": 4, "seed": 3, "config": LoaderConfig(audio_seconds=0.25, pin_memory=False), **kw}
+    return make_loader(ds, "train", **args)
+
+
+def _copy_to_s3(local: Path, url: str, opts: dict) -> None:
+    from mmdata.storage import Storage, publish
+
+    publish(local, Storage(url, opts))
+
+
+@pytest.fixture(scope="module")
+def s3_dataset(raw_slice, s3) -> str:
+    url = "s3://bucket/ds"
+    assert main(["build", str(raw_slice), url, *BUILD_ARGS, "--storage-options", _json(s3)]) == 0
+    return url
+
+
+def test_s3_dataset_streams_like_local_files(s3_dataset, s3, local_build):
+    import torch
+
+    from mmdata import open_dataset
+
+    remote, local = open_dataset(s3_dataset, storage_options=s3), open_dataset(local_build)
+    got = list(_loader(remote, num_workers=2))
+    want = list(_loader(local, num_workers=2))  # the order depends on the worker count
+    assert [b.keys for b in got] == [b.keys for b in want]
+    assert sorted(k for b in got for k in b.keys) == sorted(local.index("train")["key"].to_pylist())
+    for g, w in zip(got, want):
+        assert torch.equal(g.image, w.image) and torch.equal(g.audio, w.audio) and torch.equal(g.text_ids, w.text_ids)
+        assert all(torch.equal(g.labels[t], w.labels[t]) for t in w.labels)
+
+
+def test_s3_ranks_are_equal_and_cover_and_resume_exactly(s3_dataset, s3):
+    from mmdata import open_dataset
+
+    ds = open_dataset(s3_dataset, storage_options=s3)
+    per_rank = [[b.keys for b in _loader(ds, rank=r, world_size=2, drop_last=False)] for r in (0, 1)]
+    assert len(per_rank[0]) == len(per_rank[1]) == len(_loader(ds, rank=0, world_size=2))
+    seen = [k for keys in per_rank for b in keys for k in b]
+    assert set(seen) == set(ds.index("train")["key"].to_pylist())
+    first = _loader(ds, rank=1, world_size=2)
+    it = iter(first)
+    head = [next(it).keys for _ in range(2)]
+    fresh = _loader(open_dataset(s3_dataset, storage_options=s3), rank=1, world_size=2)
+    fresh.load_state_dict(first.state_dict())
+    assert head + [b.keys for b in fresh] == per_rank[1]
+
+
+def test_shard_deleted_on_the_server_is_named(local_build, s3):
+    import s3fs
+
+    from mmdata import open_dataset
+    from mmdata.errors import CorruptShardError
+
+    _copy_to_s3(local_build, "s3://bucket/gone", s3)
+    ds = open_dataset("s3://bucket/gone", storage_options=s3)
+    victim = ds.card.splits["train"].shards[1].file
+    s3fs.S3FileSystem(**s3).rm_file(f"bucket/gone/{victim}")
+    with pytest.raises(CorruptShardError, match=f"{victim}.*missing"):
+        list(_loader(ds, shuffle=False))
+
+
+def test_second_epoch_reads_the_cache_within_its_limit(local_build, s3, tmp_path):
+    import s3fs
+
+    from mmdata import open_dataset
+
+    _copy_to_s3(local_build, "s3://bucket/cached", s3)
+    ds = open_dataset("s3://bucket/cached", storage_options=s3, cache_dir=tmp_path / "big", cache_bytes=1 << 30)
+    shards = ds.card.splits["train"].shards
+    loader = _loader(ds)
+    first = sorted(k for b in loader for k in b.keys)
+    cached = sorted((tmp_path / "big" / "entries").iterdir())
+    assert len(cached) == len(shards) and sum(p.stat().st_size for p in cached) == sum(s.bytes for s in shards)
+    fs = s3fs.S3FileSystem(**s3)
+    for s in shards:  # the server loses every shard: epoch 2 is served from the cache alone
+        fs.rm_file(f"bucket/cached/{s.file}")
+    loader.set_epoch(1)
+    assert sorted(k for b in loader for k in b.keys) == first
+    _copy_to_s3(local_build, "s3://bucket/small", s3)
+    limit = 2 * max(s.bytes for s in shards)
+    small = open_dataset("s3://bucket/small", storage_options=s3, cache_dir=tmp_path / "small", cache_bytes=limit)
+    assert sorted(k for b in _loader(small) for k in b.keys) == first
+    assert 0 < sum(p.stat().st_size for p in (tmp_path / "small" / "entries").iterdir()) <= limit
+
+
+def test_build_from_a_manifest_on_s3_equals_the_local_build(raw_slice, local_build, s3, tmp_path):
+    import s3fs
+
+    s3fs.S3FileSystem(**s3).put(str(raw_slice.parent), "bucket/raw", recursive=True)
+    out = tmp_path / "from-s3"
+    args = ["build", "s3://bucket/raw/manifest.csv", str(out), *BUILD_ARGS, "--storage-options", _json(s3)]
+    assert main(args) == 0
+    assert output_files(out) == output_files(local_build)
