@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ class DecodeSpec:
     sample_rate: int | None
     max_text_tokens: int
     image_on_device: bool = False
+    audio_crop: str = "start"  # how a longer clip is cut: "random" (per epoch), "center" or "start"
 
 
 class Decoder:
@@ -55,7 +57,8 @@ class Decoder:
     def __getstate__(self):
         return {**self.__dict__, "_tok": None}
 
-    def __call__(self, key: str, members: dict[str, bytes]) -> Sample:
+    def __call__(self, key: str, members: dict[str, bytes], salt: str = "") -> Sample:
+        """Decode one sample; ``salt`` (seed and epoch) makes a random audio crop differ per epoch."""
         s = Sample(key)
         spec = self.spec
         try:
@@ -68,7 +71,8 @@ class Decoder:
             if "audio" in spec.modalities:
                 ext = next((e for e in AUDIO_EXTS if e in members), None)
                 if ext is not None:
-                    s.audio = decode_audio(members[ext], spec.sample_rate, spec.audio_samples)
+                    s.audio = decode_audio(members[ext], spec.sample_rate, spec.audio_samples,
+                                           crop=spec.audio_crop, salt=f"{salt}:{key}")
             if "text" in spec.modalities and TEXT_EXT in members:
                 s.text_ids = self._encode_text(members[TEXT_EXT].decode("utf-8"))
             if spec.tasks:
@@ -119,8 +123,13 @@ def resize_crop(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return out[:, top:top + H, left:left + W].contiguous()
 
 
-def decode_audio(data: bytes, sample_rate: int | None, samples: int | None) -> np.ndarray:
-    """FLAC/WAV bytes -> float32 (T,) mono at ``sample_rate``; cropped from the start to ``samples`` at most."""
+def decode_audio(data: bytes, sample_rate: int | None, samples: int | None, crop: str = "start",
+                 salt: str = "") -> np.ndarray:
+    """FLAC/WAV bytes -> float32 (T,) mono at ``sample_rate``, cut to ``samples`` at most.
+
+    ``crop``: "start", "center", or "random": an offset that is a pure function of ``salt`` (the
+    loader passes seed, epoch and key), so a resumed epoch cuts every clip exactly as before.
+    """
     import soundfile as sf
 
     wav, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True, frames=-1)
@@ -129,6 +138,14 @@ def decode_audio(data: bytes, sample_rate: int | None, samples: int | None) -> n
         import librosa
 
         wav = librosa.resample(wav, orig_sr=sr, target_sr=sample_rate).astype(np.float32)
-    if samples is not None:
-        wav = wav[:samples]
+    if samples is not None and len(wav) > samples:
+        extra = len(wav) - samples
+        if crop == "center":
+            start = extra // 2
+        elif crop == "random":
+            digest = hashlib.blake2b(salt.encode(), digest_size=8).digest()
+            start = int.from_bytes(digest, "little") % (extra + 1)
+        else:
+            start = 0
+        wav = wav[start:start + samples]
     return np.ascontiguousarray(wav)

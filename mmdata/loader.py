@@ -46,6 +46,9 @@ class LoaderConfig:
     ``image_size``: (H, W) or an int for square; None keeps the split's common image size.
     ``audio_seconds``: clip length (cropped from the start, zero-padded); None uses the split's longest.
     ``tokenizer``: a tokenizer.json path; None uses the dataset's ``tokenizer/``.
+    ``audio_crop``: how clips longer than ``audio_seconds`` are cut; by default a random window in
+    training (``shuffle=True``; a pure function of seed, epoch and key, so resumption is exact) and the
+    centre in evaluation.
     ``decode_images_on="device"``: workers pass JPEGs undecoded in ``Batch.image_bytes`` for
     ``mmdata.gpudecode.decode_images``; other formats are still decoded on the workers.
     """
@@ -58,8 +61,11 @@ class LoaderConfig:
     prefetch_factor: int = 2
     decode_images_on: str = "cpu"
     tokenizer: str | None = None
+    audio_crop: str | None = None  # "random" | "center" | "start"; None: random when shuffling, else center
 
     def __post_init__(self) -> None:
+        if self.audio_crop not in (None, "random", "center", "start"):
+            raise ConfigError(f"audio_crop must be 'random', 'center', 'start' or None, got {self.audio_crop!r}")
         if self.decode_images_on not in ("cpu", "device"):
             raise ConfigError(f"decode_images_on must be 'cpu' or 'device', got {self.decode_images_on!r}")
         if self.audio_seconds is not None and self.audio_seconds <= 0:
@@ -117,7 +123,7 @@ class BatchStream(torch.utils.data.IterableDataset):
                 file, key = idx.files[idx.shard[s]], str(idx.keys[s])
                 if not isinstance(got, Exception):
                     try:
-                        samples.append(self.decoder(key, got))
+                        samples.append(self.decoder(key, got, salt=f"{cfg.seed}:{self.epoch}"))
                         continue
                     except MmdataError as e:
                         got = e
@@ -232,7 +238,7 @@ def make_loader(dataset: Dataset | str, split: str, *, batch_size: int, num_work
     rank, world_size = _world(rank, world_size)
     World(rank, world_size, 0, num_workers)  # validates
     cfg = PlanConfig(batch_size, seed, shuffle, drop_last, config.shuffle_buffer)
-    spec = _spec(dataset, split, modalities, tasks, config)
+    spec = _spec(dataset, split, modalities, tasks, config, shuffle)
     tok = None
     if "text" in spec.modalities:
         tok = _tokenizer_bytes(config.tokenizer) if config.tokenizer else dataset.tokenizer_json
@@ -280,7 +286,7 @@ def _world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return 0, 1
 
 
-def _spec(dataset: Dataset, split: str, modalities, tasks, config: LoaderConfig) -> DecodeSpec:
+def _spec(dataset: Dataset, split: str, modalities, tasks, config: LoaderConfig, shuffle: bool) -> DecodeSpec:
     dataset.split_index(split)  # SchemaError naming the splits when unknown
     have = dataset.modalities
     mods = tuple(have if modalities is None else modalities)
@@ -308,4 +314,5 @@ def _spec(dataset: Dataset, split: str, modalities, tasks, config: LoaderConfig)
         samples = max(1, math.ceil(round(seconds * sr, 6)))
     return DecodeSpec(modalities=mods, tasks=tuple(dataset.tasks[t] for t in names), image_size=size,
                       audio_samples=samples, sample_rate=sr, max_text_tokens=config.max_text_tokens,
-                      image_on_device=config.decode_images_on == "device")
+                      image_on_device=config.decode_images_on == "device",
+                      audio_crop=config.audio_crop or ("random" if shuffle else "center"))

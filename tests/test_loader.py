@@ -11,6 +11,7 @@ import io
 import json
 import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -369,3 +370,43 @@ def test_tokenizer_from_a_given_folder(tiny, tmp_path):
     assert b.text_ids.shape == (6, 3) and b.attention_mask[0].tolist() == [1, 1, 1]  # truncated: [CLS] x [SEP]
     with pytest.raises(DatasetNotFoundError, match="nowhere"):
         make_loader(tiny, "train", batch_size=2, config=LoaderConfig(tokenizer=str(tmp_path / "nowhere")))
+
+
+def _ramp_flac(n: int, rate: int = 8000) -> bytes:
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, (np.arange(n) / n).astype(np.float32), rate, format="FLAC", subtype="PCM_24")
+    return buf.getvalue()
+
+
+def test_audio_crop_random_per_epoch_centre_in_evaluation():
+    from mmdata.decode import decode_audio
+
+    data = _ramp_flac(1000)
+    first = lambda wav: round(float(wav[0]) * 1000)  # noqa: E731  (the ramp's value is its sample index)
+    assert first(decode_audio(data, 8000, 200, crop="center")) == 400
+    assert first(decode_audio(data, 8000, 200, crop="start")) == 0
+    again = [first(decode_audio(data, 8000, 200, crop="random", salt=f"0:{e}:k")) for e in range(8)]
+    assert again == [first(decode_audio(data, 8000, 200, crop="random", salt=f"0:{e}:k")) for e in range(8)]
+    assert len(set(again)) > 4 and all(0 <= s <= 800 for s in again)
+    assert len(decode_audio(_ramp_flac(100), 8000, 200, crop="random", salt="x")) == 100  # short: untouched
+
+
+def test_loader_crops_training_audio_per_epoch(tmp_path):
+    from mmdata.build import build_dataset
+
+    root = Path(__file__).resolve().parents[1]
+    build_dataset(root / "sample_data", tmp_path / "ds", progress=False)
+    ds = open_dataset(tmp_path / "ds")
+    cfg = LoaderConfig(audio_seconds=0.1)  # every clip is longer
+
+    def audio_by_key(shuffle: bool, epoch: int) -> dict[str, torch.Tensor]:
+        loader = make_loader(ds, "train", batch_size=50, shuffle=shuffle, modalities=["audio"], config=cfg)
+        loader.set_epoch(epoch)
+        return {k: b.audio[r] for b in loader for r, k in enumerate(b.keys)}
+
+    a, b = audio_by_key(True, 0), audio_by_key(True, 1)
+    assert sum(not torch.equal(a[k], b[k]) for k in a) > len(a) // 2
+    c, d = audio_by_key(False, 0), audio_by_key(False, 1)
+    assert all(torch.equal(c[k], d[k]) for k in c)
