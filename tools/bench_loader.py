@@ -4,6 +4,8 @@
              resumable state; batches made in --workers DataLoader workers
   webdataset wds.WebDataset(urls).decode(...).to_tuple(...).batched(B) in a DataLoader with the same
              workers, decoding with the same functions (image decode + resize, audio decode + crop/pad)
+  ours-s3    ours on the same shards uploaded to a loopback S3 server (moto on 127.0.0.1, read through
+             s3fs with ranged GETs; see tools/bench_s3.py for the shard-cache row); --no-s3 skips it
 
 Datasets: ``--source RAW`` builds a copy of a raw folder (e.g. /work/shared/data/avmnist-dev) with
 ``mmdata.build.build_dataset``; without it the script makes a synthetic set (256x256 JPEG + 1 s 16 kHz
@@ -57,7 +59,7 @@ def build(source: Path, out: Path, shard_samples: int) -> None:
     build_dataset(source, out, BuildConfig(max_samples=shard_samples), overwrite=True, progress=True)
 
 
-def ours(root: str, split: str, batch: int, workers: int, size: int, seconds: float) -> int:
+def ours(root, split: str, batch: int, workers: int, size: int, seconds: float) -> int:
     from mmdata import LoaderConfig, make_loader
 
     cfg = LoaderConfig(image_size=size, audio_seconds=seconds, pin_memory=False)
@@ -113,6 +115,7 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=224, help="for avmnist pass 28")
     p.add_argument("--audio-seconds", type=float, default=1.0)
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--no-s3", action="store_true", help="skip the loopback S3 row (needs moto[server], s3fs)")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -133,25 +136,43 @@ def main() -> None:
         urls = [str(out / s.file) for s in ds.card.splits[split].shards]
         sr = ds.card.modalities["audio"]["sample_rate"]
         samples = int(round(args.audio_seconds * sr))
-        runs = {"ours": [], "webdataset": []}
+        rows = [
+            ("ours", ours, (str(out), split, args.batch_size, args.workers, args.image_size, args.audio_seconds)),
+            ("webdataset", plain_webdataset, (urls, args.batch_size, args.workers, args.image_size, samples)),
+        ]
+        server = None
+        if not args.no_s3:
+            from bench_s3 import start_server  # tools/bench_s3.py, next to this script
+
+            from mmdata.storage import Storage, publish
+
+            server, opts = start_server()
+            publish(out, Storage("s3://bench/ds", opts))
+            remote = open_dataset("s3://bench/ds", storage_options=opts)
+            rows.append(("ours-s3", ours, (remote, split, args.batch_size, args.workers, args.image_size,
+                                           args.audio_seconds)))
+        runs = {label: [] for label, _, _ in rows}
         counts = {}
-        for r in range(args.runs + 1):  # run 0 warms the page cache and imports
-            for label, fn, a in (
-                ("ours", ours, (str(out), split, args.batch_size, args.workers, args.image_size, args.audio_seconds)),
-                ("webdataset", plain_webdataset, (urls, args.batch_size, args.workers, args.image_size, samples)),
-            ):
-                seconds, n = timed(fn, *a)
-                counts[label] = n
-                if r:
-                    runs[label].append(n / seconds)
+        try:
+            for r in range(args.runs + 1):  # run 0 warms the page cache and imports
+                for label, fn, a in rows:
+                    seconds, n = timed(fn, *a)
+                    counts[label] = n
+                    if r:
+                        runs[label].append(n / seconds)
+        finally:
+            if server is not None:
+                server.stop()
         med = {k: statistics.median(v) for k, v in runs.items()}
         print(f"dataset {name}: split {split!r}, {ds.num_samples(split)} samples in {len(urls)} shards; "
               f"batch {args.batch_size}, workers {args.workers}, image {args.image_size}px, "
               f"audio {args.audio_seconds} s, torch threads {torch.get_num_threads()}")
         print(f"{'pipeline':<12}{'samples/epoch':>14}{f'samples/s (median of {args.runs})':>30}")
-        for k in ("ours", "webdataset"):
+        for k in runs:
             print(f"{k:<12}{counts[k]:>14}{med[k]:>30.1f}")
         print(f"ratio ours / webdataset: {med['ours'] / med['webdataset']:.2f}x")
+        if "ours-s3" in med:
+            print(f"ratio ours-s3 / ours (loopback S3 vs local files): {med['ours-s3'] / med['ours']:.2f}x")
 
 
 if __name__ == "__main__":

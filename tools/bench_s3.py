@@ -31,6 +31,7 @@ def start_server():
     import boto3
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -57,7 +58,6 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--runs", type=int, default=3)
     args = p.parse_args()
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
 
     from mmdata import open_dataset
     from mmdata.build import BuildConfig, build_dataset
