@@ -321,3 +321,60 @@ def test_build_from_a_manifest_on_s3_equals_the_local_build(raw_slice, local_bui
     args = ["build", "s3://bucket/raw/manifest.csv", str(out), *BUILD_ARGS, "--storage-options", _json(s3)]
     assert main(args) == 0
     assert output_files(out) == output_files(local_build)
+
+
+def test_an_interrupted_publish_leaves_no_dataset_until_the_card_is_written(local_build, s3, monkeypatch):
+    from mmdata import open_dataset
+    from mmdata.errors import DatasetNotFoundError
+    from mmdata.storage import Storage, publish
+
+    url = "s3://bucket/commit"
+    _copy_to_s3(local_build, url, s3)
+    assert open_dataset(url, storage_options=s3).num_samples("train") == 32
+    real, calls = Storage.upload, []
+
+    def failing(self, local, name):
+        calls.append(name)
+        if len(calls) == 3:
+            raise OSError("connection reset")  # the build dies here
+        real(self, local, name)
+
+    monkeypatch.setattr(Storage, "upload", failing)
+    with pytest.raises(OSError, match="connection reset"):
+        publish(local_build, Storage(url, s3))
+    with pytest.raises(DatasetNotFoundError, match="no dataset.json"):
+        open_dataset(url, storage_options=s3)  # the old card went first: no mix of old card and new shards
+    assert "dataset.json" not in calls
+    order = []
+    monkeypatch.setattr(Storage, "upload", lambda self, local, name: order.append(name) or real(self, local, name))
+    publish(local_build, Storage(url, s3))
+    assert order[-1] == "dataset.json" and len(order) == len(output_files(local_build))
+    assert open_dataset(url, storage_options=s3).num_samples("train") == 32
+
+
+def test_retries_transient_errors_and_not_missing_files():
+    from mmdata.storage import RetryPolicy, with_retries
+
+    fast = RetryPolicy(attempts=3, base_delay=0)
+    tries = []
+
+    def flaky():
+        tries.append(1)
+        if len(tries) < 3:
+            raise ConnectionError("reset by peer")
+        return b"ok"
+
+    assert with_retries(flaky, "reading x", fast) == b"ok" and len(tries) == 3
+    tries.clear()
+    with pytest.raises(ConnectionError):  # still failing after its last attempt
+        with_retries(flaky, "reading x", RetryPolicy(attempts=2, base_delay=0))
+    assert len(tries) == 2
+    missing = []
+
+    def gone():
+        missing.append(1)
+        raise FileNotFoundError("bucket/ds/train-000003.tar")
+
+    with pytest.raises(FileNotFoundError):
+        with_retries(gone, "reading x", fast)
+    assert len(missing) == 1
