@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 from pathlib import Path
@@ -13,7 +14,7 @@ from mmdata.cli import main
 from mmdata.errors import ConfigError
 
 SAMPLE_DATA = Path(__file__).resolve().parents[1] / "sample_data"
-BUILD_ARGS = ["--val", "0.2", "--max-samples", "5", "--max-bytes", "60000", "--set", "max_reject_fraction=0.1",
+BUILD_ARGS = ["--val", "0.2", "--max-samples", "5", "--max-bytes", "51200", "--set", "max_reject_fraction=0.1",
               "--no-progress"]
 
 
@@ -79,8 +80,10 @@ def test_ray_build_is_byte_identical_to_local(raw_slice, local_build, ray_sessio
     out = tmp_path / "ray"
     assert main(["build", str(raw_slice), str(out), *BUILD_ARGS, "--executor", "ray"]) == 0
     local, ray = output_files(local_build), output_files(out)
-    shards = [n for n in local if n.endswith(".tar")]
-    assert len(shards) >= 8 and "tokenizer/tokenizer.json" in local  # several shards per split, cut by both limits
+    assert "tokenizer/tokenizer.json" in local
+    card = json.loads(local["dataset.json"])
+    counts = [[s["samples"] for s in split["shards"]] for split in card["splits"].values()]
+    assert any(5 in c for c in counts) and any(n < 5 for c in counts for n in c[:-1])  # cut by both limits
     assert sorted(local) == sorted(ray)
     for name in local:
         assert local[name] == ray[name], name
@@ -92,7 +95,7 @@ def test_ray_build_writes_straight_to_s3(raw_slice, local_build, ray_session, s3
 
     from mmdata.build import BuildConfig, build_dataset
 
-    config = BuildConfig(val=0.2, max_samples=5, max_bytes=60000, max_reject_fraction=0.1)
+    config = BuildConfig(val=0.2, max_samples=5, max_bytes=51200, max_reject_fraction=0.1)
     build_dataset(raw_slice, "s3://bucket/ray", config, executor="ray", storage_options=s3, progress=False)
     fs = s3fs.S3FileSystem(**s3)
     for name, data in output_files(local_build).items():
@@ -114,9 +117,29 @@ def test_s3_build_refuses_a_non_empty_destination_and_replaces_with_overwrite(ra
 
 
 def _json(opts: dict) -> str:
-    import json
-
     return json.dumps(opts)
+
+
+@pytest.mark.parametrize("max_samples,max_bytes", [(3, 1 << 30), (100, 30000), (4, 20480), (1, 1)])
+def test_shard_cutter_cuts_where_split_writer_cuts(tmp_path, max_samples, max_bytes):
+    import numpy as np
+
+    from mmdata.build.executors import ShardCutter, pack_shard
+    from mmdata.build.media import Encoded
+    from mmdata.build.shards import SplitWriter, sample_block
+
+    rng = np.random.default_rng(max_samples)
+    samples = []
+    for i in range(40):
+        members = {"txt": f"{i}".encode() * int(rng.integers(1, 6000)), "json": b"{}"}
+        samples.append(Encoded(f"k{i}", f"k{i}", {}, {}, exts=("json", "txt"), block=sample_block(f"k{i}", members)))
+    writer, cutter = SplitWriter(tmp_path, "train", max_samples, max_bytes), ShardCutter(max_samples, max_bytes)
+    written = [d for d in (writer.add(e) for e in samples) if d] + [writer.close()]
+    cut = [c for c in (cutter.add(i, len(e.block)) for i, e in enumerate(samples)) if c] + [cutter.close()]
+    assert [d.info.samples for d in written] == [len(c) for c in cut]
+    for n, (d, c) in enumerate(zip(written, cut)):
+        data, done = pack_shard("train", n, [samples[i] for i in c])
+        assert data == (tmp_path / d.info.file).read_bytes() and done.info == d.info and done.rows == d.rows
 
 
 def test_unsupported_executor_choices_are_named(raw_slice, tmp_path):

@@ -6,11 +6,11 @@ Both follow one deterministic plan, so they write byte-identical datasets:
 - shards are cut greedily by ``max_samples`` / ``max_bytes`` exactly as ``shards.SplitWriter`` cuts them.
 
 ``LocalExecutor`` streams encoded samples through the main process, which appends them to the shard
-being written (the runner's loop, resumable shard by shard). ``RayExecutor`` runs it in two waves of
-tasks: encode tasks (one per chunk of records) return each sample's size to the driver and keep the
-sample bytes in Ray's object store; the driver cuts the shards from those sizes alone, then one write
-task per shard gathers its samples and writes the shard to the destination (local folder or fsspec
-URL). Sample bytes never pass through the driver; the driver only plans and writes the card.
+being written (the runner's loop, resumable shard by shard). ``RayExecutor`` runs two kinds of task:
+encode tasks (one per chunk of records) return each sample's size to the driver and keep the sample
+bytes in Ray's object store; the driver cuts the shards from those sizes alone (``ShardCutter``), and
+one write task per shard gathers its samples and writes the shard to the destination (local folder or
+fsspec URL). Sample bytes never pass through the driver; the driver only plans and writes the card.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import multiprocessing
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -91,19 +92,40 @@ class RayExecutor:
 
     def write_split(self, split: str, jobs: list[tuple], max_samples: int, max_bytes: int,
                     storage) -> tuple[list[ShardDone], list[Reject]]:
-        """Encode ``jobs`` (record, settings) and write the split's shards to ``storage``; return them and rejects."""
-        metas, blocks = [], []
-        for i in range(0, len(jobs), self.chunk):
-            meta, block = self._encode.remote(jobs[i:i + self.chunk])
-            metas.append(meta)
-            blocks.append(block)
-        sizes = self.ray.get(metas)  # per chunk: per record, its block size or its Reject
-        plan, rejects = cut_shards(sizes, max_samples, max_bytes)
-        refs = []
-        for n, picks in enumerate(plan):
-            chunks = sorted({c for c, _ in picks})
-            refs.append(self._write.remote(storage, split, n, picks, chunks, *[blocks[c] for c in chunks]))
-        return list(self.ray.get(refs)), rejects
+        """Encode ``jobs`` (record, settings) and write the split's shards to ``storage``; return them and rejects.
+
+        Encode tasks run a window ahead of the cut; a chunk's sample bytes are dropped from the object
+        store once the shards that need them are written, so it holds about a window, not the split.
+        """
+        ray = self.ray
+        chunks = [jobs[i:i + self.chunk] for i in range(0, len(jobs), self.chunk)]
+        window = max(4, 2 * int(ray.cluster_resources().get("CPU", 2)))
+        inflight: deque = deque()  # (chunk number, sizes ref, blocks ref), in chunk order
+        blocks: dict[int, Any] = {}  # chunk -> blocks ref, while a shard still to be written needs it
+        cutter, writes, rejects, submitted = ShardCutter(max_samples, max_bytes), [], [], 0
+
+        def write(picks: list[tuple[int, int]]) -> None:
+            needed = sorted({c for c, _ in picks})
+            writes.append(self._write.remote(storage, split, len(writes), picks, needed, *[blocks[c] for c in needed]))
+
+        while submitted < len(chunks) or inflight:
+            while submitted < len(chunks) and len(inflight) < window:
+                inflight.append((submitted, *self._encode.remote(chunks[submitted])))
+                submitted += 1
+            c, sizes, blocks[c] = inflight.popleft()
+            for i, size in enumerate(ray.get(sizes)):  # per record: its block size or its Reject
+                if isinstance(size, Reject):
+                    rejects.append(size)
+                    continue
+                closed = cutter.add((c, i), size)
+                if closed:
+                    write(closed)
+                    for old in [k for k in blocks if k < c]:  # the open shard starts in chunk c
+                        del blocks[old]
+        last = cutter.close()
+        if last:
+            write(last)
+        return list(ray.get(writes)), rejects
 
     def close(self) -> None:
         if self._owned:
@@ -121,24 +143,26 @@ def make_executor(name: str, *, workers: int, jobs: int, ray_address: str | None
     raise ConfigError(f"executor must be one of {EXECUTORS}, got {name!r}")
 
 
-def cut_shards(sizes: list[list[int | Reject]], max_samples: int,
-               max_bytes: int) -> tuple[list[list[tuple[int, int]]], list[Reject]]:
-    """Shards as lists of (chunk, item) from the samples' block sizes, cut as SplitWriter.add cuts them."""
-    plan: list[list[tuple[int, int]]] = []
-    rejects: list[Reject] = []
-    count, pos = 0, 0
-    for c, chunk in enumerate(sizes):
-        for i, size in enumerate(chunk):
-            if isinstance(size, Reject):
-                rejects.append(size)
-                continue
-            if count and (count >= max_samples or archive_bytes(pos + size) > max_bytes):
-                count, pos = 0, 0
-            if count == 0:
-                plan.append([])
-            plan[-1].append((c, i))
-            count, pos = count + 1, pos + size
-    return plan, rejects
+class ShardCutter:
+    """Cut a stream of sample sizes into shards exactly as SplitWriter.add does, without the bytes."""
+
+    def __init__(self, max_samples: int, max_bytes: int):
+        self.max_samples, self.max_bytes = max_samples, max_bytes
+        self.picks: list = []
+        self.pos = 0
+
+    def add(self, item, size: int) -> list | None:
+        """Add a sample of ``size`` block bytes; return the shard (its items) it closed first, if any."""
+        done = None
+        if self.picks and (len(self.picks) >= self.max_samples or archive_bytes(self.pos + size) > self.max_bytes):
+            done = self.close()
+        self.picks.append(item)
+        self.pos += size
+        return done
+
+    def close(self) -> list | None:
+        done, self.picks, self.pos = self.picks or None, [], 0
+        return done
 
 
 def pack_shard(split: str, index: int, samples: list[Encoded]) -> tuple[bytes, ShardDone]:
@@ -178,4 +202,4 @@ def _write_shard(storage, split: str, index: int, picks: list[tuple[int, int]], 
     return done
 
 
-__all__ = ["EXECUTORS", "LocalExecutor", "RayExecutor", "cut_shards", "make_executor", "pack_shard"]
+__all__ = ["EXECUTORS", "LocalExecutor", "RayExecutor", "ShardCutter", "make_executor", "pack_shard"]
