@@ -1,0 +1,118 @@
+"""Leave-one-speaker-out digit accuracy of the reference models on avmnist-dev, next to linear baselines.
+
+For each held-out speaker (fold) it builds the dataset once (train = the other four speakers, test =
+the held-out one, no val: the recipe's fixed schedule), trains every variant from
+``configs/avmnist.yaml`` with a few overrides, and evaluates it whole and with each modality dropped.
+Results are cached per (variant, fold) under ``--work`` so the sweep can be resumed or extended.
+
+    python tools/bench_models.py --source ../shared/data/avmnist-dev            # everything (hours on a CPU)
+    python tools/bench_models.py --variants recipe --folds george jackson        # a slice
+    python tools/bench_models.py --table                                         # print what is cached
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+SPEAKERS = ("george", "jackson", "lucas", "nicolas", "yweweler")
+
+# variant -> --set overrides on configs/avmnist.yaml. "recipe" is the shipped config unchanged.
+VARIANTS: dict[str, list[str]] = {
+    "recipe": [],
+    "image-only": ["model.modalities=[image]", "augment.mix.modality_dropout=0"],
+    "audio-only": ["model.modalities=[audio]", "augment.mix.modality_dropout=0"],
+    "late": ["augment.mix.modality_dropout=0"],
+    "concat+drop": ["model.fusion.name=concat"],
+    "concat": ["model.fusion.name=concat", "augment.mix.modality_dropout=0"],
+    "attention+drop": ["model.fusion.name=attention"],
+    "attention": ["model.fusion.name=attention", "augment.mix.modality_dropout=0"],
+}
+
+
+def build_fold(source: Path, work: Path, speaker: str) -> Path:
+    from mmdata.build import BuildConfig, build_dataset
+
+    out = work / "data" / speaker
+    if not (out / "dataset.json").is_file():
+        cfg = BuildConfig.from_dict({"split_by": "speaker", "test_groups": [speaker], "val": 0.0, "test": 0.0})
+        build_dataset(source / "manifest.csv", out, cfg, overwrite=True, progress=False)
+    return out
+
+
+def run_one(variant: str, speaker: str, data: Path, work: Path, extra: list[str]) -> dict:
+    from mtml_models.config import load_config
+    from mtml_models.evaluate import evaluate_run
+    from mtml_models.train import train
+
+    run = work / "runs" / f"{variant}-{speaker}"
+    cfg = load_config(ROOT / "configs/avmnist.yaml", [*VARIANTS[variant], *extra])
+    t0 = time.perf_counter()
+    train(cfg, str(data), run, progress=False)
+    seconds = time.perf_counter() - t0
+    mods = cfg.model.get("modalities") or ["image", "audio"]
+    result = {"variant": variant, "fold": speaker, "train_seconds": round(seconds, 1), "overrides": VARIANTS[variant] + extra}
+    for dropped in [None, *(m for m in mods if len(mods) > 1)]:
+        r = evaluate_run(run, str(data), "test", drop_modality=dropped, checkpoint="last")
+        result[f"drop-{dropped or 'none'}"] = {t: ms["accuracy"] for t, ms in r["tasks"].items()}
+    return result
+
+
+def table(work: Path) -> str:
+    rows = []
+    baselines = ROOT / "runs" / "baselines.json"
+    if baselines.is_file():
+        base = json.loads(baselines.read_text())
+        for feats in ("image", "audio", "fusion"):
+            accs = [base[s][feats] for s in SPEAKERS if s in base]
+            rows.append((f"linear {feats}", "", accs, {s: base[s][feats] for s in SPEAKERS if s in base}))
+    for variant in VARIANTS:
+        results = {s: json.loads(p.read_text()) for s in SPEAKERS
+                   if (p := work / "results" / f"{variant}-{s}.json").is_file()}
+        if not results:
+            continue
+        for dropped in ("none", "audio", "image"):
+            key = f"drop-{dropped}"
+            per = {s: r[key]["digit"] for s, r in results.items() if key in r}
+            if per:
+                rows.append((variant, "" if dropped == "none" else f"{dropped} dropped", list(per.values()), per))
+    lines = ["| model | input | mean | std | min | " + " | ".join(SPEAKERS) + " |",
+             "|---|---|---|---|---|" + "---|" * len(SPEAKERS)]
+    for name, inp, accs, per in rows:
+        sd = statistics.pstdev(accs) if len(accs) > 1 else 0.0
+        cells = " | ".join(f"{per[s]:.3f}" if s in per else "–" for s in SPEAKERS)
+        lines.append(f"| {name} | {inp} | {statistics.mean(accs):.3f} | {sd:.3f} | {min(accs):.3f} | {cells} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--source", type=Path, default=ROOT.parent / "shared/data/avmnist-dev")
+    ap.add_argument("--work", type=Path, default=ROOT / "runs/bench_models")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--folds", nargs="+", default=list(SPEAKERS), choices=SPEAKERS)
+    ap.add_argument("--set", action="append", default=[], help="extra override for every variant")
+    ap.add_argument("--table", action="store_true", help="only print the table of cached results")
+    args = ap.parse_args()
+    if not args.table:
+        (args.work / "results").mkdir(parents=True, exist_ok=True)
+        for variant in args.variants:
+            for speaker in args.folds:
+                path = args.work / "results" / f"{variant}-{speaker}.json"
+                if path.is_file():
+                    continue
+                data = build_fold(args.source, args.work, speaker)
+                result = run_one(variant, speaker, data, args.work, args.set)
+                path.write_text(json.dumps(result, indent=2))
+                print(json.dumps(result), flush=True)
+    print(table(args.work))
+
+
+if __name__ == "__main__":
+    main()
