@@ -16,16 +16,16 @@ from mmdata.errors import ConfigError
 class DataConfig:
     batch_size: int = 64
     num_workers: int = 0
-    modalities: tuple[str, ...] | None = None  # None: every modality in the dataset
     tasks: tuple[str, ...] | None = None  # None: every task in the card
     image_size: tuple[int, int] = (32, 32)
     audio_seconds: float = 1.0
     max_text_tokens: int = 16
     train_split: str = "train"
-    val_split: str | None = "val"  # when the dataset has none, a group-aware slice of train is carved
-    val_fraction: float = 0.1
-    val_group: str | None = None  # index column used to carve groups (e.g. "speaker" label), None: by key
+    val_split: str | None = "val"  # absent from the dataset: a fixed schedule, the last epoch is "best"
     decode_images_on: str = "cpu"  # "device": GPU JPEG decode in the main process
+    storage_options: dict[str, Any] | None = None  # fsspec options for an s3://, gs://, ... dataset
+    cache_dir: str | None = None  # keep whole remote shards on local disk after their first read
+    cache_gb: float = 20.0
 
 
 @dataclass(frozen=True)
@@ -71,8 +71,6 @@ class TrainConfig:
             raise ConfigError(f"data.batch_size must be positive, got {self.data.batch_size}")
         if self.optim.epochs < 1:
             raise ConfigError(f"optim.epochs must be positive, got {self.optim.epochs}")
-        if not 0 <= self.data.val_fraction < 1:
-            raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.data.val_fraction}")
         if self.data.decode_images_on not in ("cpu", "device"):
             raise ConfigError(f"data.decode_images_on must be 'cpu' or 'device', got {self.data.decode_images_on!r}")
 

@@ -62,7 +62,8 @@ def make_session(cfg: TrainConfig, data: str, device: torch.device) -> Session:
 
     from .model import ModelConfig, MultiTaskModel
 
-    ds = open_dataset(data)
+    ds = open_dataset(data, storage_options=cfg.data.storage_options, cache_dir=cfg.data.cache_dir,
+                      cache_bytes=int(cfg.data.cache_gb * 2**30))
     tasks = ds.tasks
     if cfg.data.tasks:
         tasks = TaskList(tuple(tasks[name] for name in cfg.data.tasks))
