@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -105,8 +106,15 @@ def test_two_process_ddp_matches_one_process(avdata, tmp_path):
            "-m", "mtml_models", "train", "--data", str(avdata), "--config", str(ROOT / "configs/avmnist.yaml"),
            "--out", str(two), *FAST, "--set", "data.batch_size=8"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    finally:  # a hung rendezvous must not leave ranks behind
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, stderr[-3000:]
     a, b = _rows(one), _rows(two)
     assert len(a) == len(b) == 2
     # Same data, global batch and initialisation; the two runs differ only in sample order.
