@@ -19,28 +19,21 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mmdata",
-        description="Build, inspect and verify aligned multimodal datasets (image + audio + text, several tasks).",
-    )
+def make_parser(prog: str, description: str, commands: dict[str, tuple[str, str]]) -> argparse.ArgumentParser:
+    """A parser whose subcommands are modules exposing add_arguments(parser) and run(args)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_text) in COMMANDS.items():
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue  # not built yet
+    for name, (module, help_text) in commands.items():
+        mod = importlib.import_module(module)
         p = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text).strip().splitlines()[0])
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def run_cli(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    """Parse, set up logging, run the subcommand; an MmdataError becomes one line on stderr and exit 1."""
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     if not getattr(args, "_run", None):
@@ -49,8 +42,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except MmdataError as e:
-        print(f"mmdata {args.command}: error: {e}", file=sys.stderr)
+        print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
         return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return make_parser(
+        "mmdata", "Build, inspect and verify aligned multimodal datasets (image + audio + text, several tasks).",
+        COMMANDS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(build_parser(), argv)
 
 
 if __name__ == "__main__":

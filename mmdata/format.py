@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import re
 import tarfile
 from collections.abc import Iterator
@@ -54,52 +53,53 @@ def split_member_name(name: str) -> tuple[str, str]:
     return key, ext
 
 
-class _HashingWriter(io.RawIOBase):
-    """A write-only file wrapper that hashes and counts what passes through."""
+RECORD = BLOCK * 20  # tarfile pads an archive to a multiple of 20 blocks
 
-    def __init__(self, f: BinaryIO):
-        self.f, self.sha, self.pos = f, hashlib.sha256(), 0
 
-    def writable(self) -> bool:
-        return True
+def sample_block(key: str, members: dict[str, bytes]) -> bytes:
+    """One sample's adjacent tar members with fixed metadata (mtime 0, uid/gid 0, mode 644), as bytes."""
+    if not KEY_RE.match(key):
+        raise ValueError(f"key must match {KEY_RE.pattern}, got {key!r}")
+    parts = []
+    for ext in sorted(members, key=lambda e: (MEMBER_ORDER.index(e) if e in MEMBER_ORDER else 99, e)):
+        data = members[ext]
+        info = tarfile.TarInfo(f"{key}.{ext}")
+        info.size, info.mtime, info.mode = len(data), 0, 0o644
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        parts += [info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape"), data,
+                  b"\0" * (-len(data) % BLOCK)]
+    return b"".join(parts)
 
-    def write(self, b) -> int:
-        self.f.write(b)
-        self.sha.update(b)
-        self.pos += len(b)
-        return len(b)
 
-    def tell(self) -> int:
-        return self.pos
+def archive_bytes(payload: int) -> int:
+    """Size of a tar whose members take ``payload`` bytes (two zero blocks, padded to a record)."""
+    return -(-(payload + 2 * BLOCK) // RECORD) * RECORD
 
 
 class ShardWriter:
     """Write samples as adjacent tar members with fixed metadata; track offsets, size and sha256."""
 
     def __init__(self, f: BinaryIO):
-        self._out = _HashingWriter(f)
-        self._tar = tarfile.open(fileobj=self._out, mode="w", format=tarfile.USTAR_FORMAT)
+        self._f, self._sha, self._pos = f, hashlib.sha256(), 0
         self.samples = 0
+
+    def _write(self, data: bytes) -> None:
+        self._f.write(data)
+        self._sha.update(data)
+        self._pos += len(data)
 
     def add(self, key: str, members: dict[str, bytes]) -> tuple[int, int]:
         """Append one sample; return (byte offset, byte size) of its members in the shard."""
-        if not KEY_RE.match(key):
-            raise ValueError(f"key must match {KEY_RE.pattern}, got {key!r}")
-        start = self._out.tell()
-        for ext in sorted(members, key=lambda e: (MEMBER_ORDER.index(e) if e in MEMBER_ORDER else 99, e)):
-            data = members[ext]
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            self._tar.addfile(info, io.BytesIO(data))
+        start = self._pos
+        self._write(sample_block(key, members))
         self.samples += 1
-        return start, self._out.tell() - start
+        return start, self._pos - start
 
     def close(self) -> tuple[int, str]:
-        """Finish the archive; return (total bytes, sha256 hex)."""
-        self._tar.close()
-        return self._out.tell(), self._out.sha.hexdigest()
+        """Finish the archive (end blocks, record padding); return (total bytes, sha256 hex)."""
+        self._write(b"\0" * (archive_bytes(self._pos) - self._pos))
+        return self._pos, self._sha.hexdigest()
 
 
 def parse_members(buf: bytes | memoryview) -> Iterator[tuple[str, bytes]]:

@@ -86,6 +86,16 @@ def with_retries(fn: Callable[[], T], what: str, policy: RetryPolicy = RetryPoli
     raise AssertionError("unreachable")
 
 
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write a local file under a staging name, fsync it, then rename it into place."""
+    tmp = path.with_name(path.name + STAGING_SUFFIX)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 class Storage:
     """A folder (local path or URL) with retried, staged file operations; pickles as its URL and options."""
 
@@ -129,12 +139,7 @@ class Storage:
         if self.is_local:
             path = Path(self.path(name))
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + STAGING_SUFFIX)
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            atomic_write(path, data)
             return
         with_retries(lambda: self.fs.pipe_file(self.path(name), data), f"writing {self.url}/{name}", self.retry)
 

@@ -212,8 +212,8 @@ def test_sample_data_manifest_and_folders_agree(tmp_path):
 
 def test_split_writer_matches_the_shared_shard_writer(tmp_path):
     from mmdata.build.media import Encoded
-    from mmdata.build.shards import SplitWriter, sample_block
-    from mmdata.format import ShardWriter
+    from mmdata.build.shards import SplitWriter
+    from mmdata.format import ShardWriter, sample_block
 
     samples = [(f"k{i}", {"png": bytes([i]) * (100 * i + 1), "txt": f"t{i}".encode(), "json": b"{}"})
                for i in range(30)]

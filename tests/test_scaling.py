@@ -126,7 +126,8 @@ def test_shard_cutter_cuts_where_split_writer_cuts(tmp_path, max_samples, max_by
 
     from mmdata.build.executors import ShardCutter, pack_shard
     from mmdata.build.media import Encoded
-    from mmdata.build.shards import SplitWriter, sample_block
+    from mmdata.build.shards import SplitWriter
+    from mmdata.format import sample_block
 
     rng = np.random.default_rng(max_samples)
     samples = []

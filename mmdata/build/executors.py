@@ -24,10 +24,10 @@ from typing import Any
 
 from ..card import ShardInfo
 from ..errors import ConfigError
-from ..format import shard_name
+from ..format import archive_bytes, shard_name
 from .align import Reject
 from .media import Encoded
-from .shards import ShardDone, archive_bytes, index_row
+from .shards import ShardDone, index_row
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,7 @@ class Encoded:
     members: dict[str, bytes]  # ext -> bytes, "json" included; emptied once packed into block
     labels: dict[str, Any]
     exts: tuple[str, ...] = ()
-    block: bytes = b""  # the sample's tar members (shards.sample_block)
+    block: bytes = b""  # the sample's tar members (mmdata.format.sample_block)
     image_width: int | None = None
     image_height: int | None = None
     audio_seconds: float | None = None

@@ -14,13 +14,14 @@ from typing import Any
 
 from ..card import LABEL_PREFIX, Card, SplitInfo
 from ..errors import ConfigError
-from ..format import CARD_NAME, INDEX_NAME, REJECTS_NAME, TOKENIZER_DIR
+from ..format import CARD_NAME, INDEX_NAME, REJECTS_NAME, TOKENIZER_DIR, sample_block
+from ..storage import atomic_write
 from ..tasks import Task
 from .align import Record, Reject, align, resolve_tasks
 from .config import BuildConfig
 from .discover import discover
 from .media import Encoded, MediaSettings, encode_record
-from .shards import TMP_SUFFIX, ShardDone, SplitWriter, file_sha256, sample_block
+from .shards import TMP_SUFFIX, ShardDone, SplitWriter, file_sha256
 from .splits import assign_splits, shuffled, split_sort_key
 
 log = logging.getLogger(__name__)
@@ -262,8 +263,8 @@ def _finish(out: Path, config: BuildConfig, resolved: dict[str, Any], tasks: tup
     _write_index(out / INDEX_NAME, rows, tasks)
     lines = "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n"
                     for r in sorted(rejects, key=lambda r: (r.source_id, r.reason, r.paths)))
-    _atomic_write(out / REJECTS_NAME, lines.encode("utf-8"))
-    _atomic_write(out / CARD_NAME, card.to_json().encode("utf-8"))
+    atomic_write(out / REJECTS_NAME, lines.encode("utf-8"))
+    atomic_write(out / CARD_NAME, card.to_json().encode("utf-8"))
     os.remove(out / JOURNAL)
     if num_input and len(rejects) / num_input > config.max_reject_fraction:
         log.warning("rejected %d of %d records (%.1f%%) > max_reject_fraction %.1f%%; see %s", len(rejects),
@@ -321,12 +322,3 @@ def _write_tokenizer(out: Path, texts: list[str], vocab: int) -> None:
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -4,38 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..card import ShardInfo
-from ..format import BLOCK, KEY_RE, MEMBER_ORDER, modality_of, shard_name
+from ..format import archive_bytes, modality_of, shard_name
 from .media import Encoded
 
-RECORD = BLOCK * 20  # tarfile pads an archive to a multiple of 20 blocks
 TMP_SUFFIX = ".partial"  # a shard being written: never a name that ends in .tar
-
-
-def sample_block(key: str, members: dict[str, bytes]) -> bytes:
-    """A sample's tar members as bytes, exactly as mmdata.format.ShardWriter writes them (built in a worker)."""
-    if not KEY_RE.match(key):
-        raise ValueError(f"key must match {KEY_RE.pattern}, got {key!r}")
-    parts = []
-    for ext in sorted(members, key=lambda e: (MEMBER_ORDER.index(e) if e in MEMBER_ORDER else 99, e)):
-        data = members[ext]
-        info = tarfile.TarInfo(f"{key}.{ext}")
-        info.size, info.mtime, info.mode = len(data), 0, 0o644
-        info.uid = info.gid = 0
-        info.uname = info.gname = ""
-        parts += [info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape"), data,
-                  b"\0" * (-len(data) % BLOCK)]
-    return b"".join(parts)
-
-
-def archive_bytes(payload: int) -> int:
-    """Size of a tar whose members take ``payload`` bytes (two zero blocks, padded to a record)."""
-    return -(-(payload + 2 * BLOCK) // RECORD) * RECORD
 
 
 def index_row(enc: Encoded, split: str, shard: str, offset: int, size: int) -> dict[str, Any]:
