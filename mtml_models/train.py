@@ -16,7 +16,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -140,13 +140,16 @@ def evaluate_loader(session: Session, loader, drop_modality: str | None = None) 
 
 
 def drop(batch, modality: str):
-    """The batch with ``modality`` forced absent for every sample (mask False, input zeroed)."""
-    if getattr(batch, f"{modality}_mask") is None:
+    """The batch with ``modality`` forced absent for every sample (mask False, input cleared)."""
+    from mmdata.augment import MixConfig, ModalityDropout
+    from mmdata.batch import MODALITIES
+
+    mask = batch.mask(modality)
+    if mask is None:
         return batch
-    changes = {f"{modality}_mask": torch.zeros_like(getattr(batch, f"{modality}_mask"))}
-    field = {"image": "image", "audio": "audio", "text": "text_ids"}[modality]
-    changes[field] = torch.zeros_like(getattr(batch, field))
-    return replace(batch, **changes)
+    rows = torch.zeros(len(batch), len(MODALITIES), dtype=torch.bool, device=mask.device)
+    rows[:, MODALITIES.index(modality)] = True
+    return ModalityDropout(MixConfig()).apply(batch, {"drop": rows})
 
 
 def _unwrap(model):
