@@ -61,6 +61,7 @@ class LoaderConfig:
     prefetch_factor: int = 2
     decode_images_on: str = "cpu"
     tokenizer: str | None = None
+    persistent_workers: bool = False  # keep DataLoader workers alive across epochs (num_workers > 0)
     audio_crop: str | None = None  # "random" | "center" | "start"; None: random when shuffling, else center
 
     def __post_init__(self) -> None:
@@ -83,12 +84,16 @@ class BatchStream(torch.utils.data.IterableDataset):
     """One rank's batches of one epoch, from batch ``start`` on; picklable, split across DataLoader workers."""
 
     def __init__(self, dataset: Dataset, split: str, decoder: Decoder, cfg: PlanConfig, rank: int,
-                 world_size: int, num_workers: int, epoch: int, start: int, on_error: str):
+                 world_size: int, num_workers: int, epoch: int, start: int, on_error: str,
+                 position: torch.Tensor | None = None):
         self.dataset, self.split, self.decoder, self.cfg = dataset, split, decoder, cfg
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.epoch, self.start, self.on_error = epoch, start, on_error
+        self.position = position  # shared (epoch, start) that persistent workers read at each epoch
 
     def __iter__(self) -> Iterator[tuple[Batch, list[tuple[str, str, str]]]]:
+        if self.position is not None:  # a persistent worker: the main process has moved the position
+            self.epoch, self.start = (int(v) for v in self.position.tolist())
         info = torch.utils.data.get_worker_info()
         W = max(1, self.num_workers)
         worker = ((info.id if info else 0) + self.start) % W
@@ -149,6 +154,11 @@ class Loader:
         self.skipped = 0  # samples skipped under on_error="skip", over the loader's life
         self.skipped_samples: list[tuple[str, str, str]] = []  # (shard, key, reason), the last 1000
         self._len = batches_per_rank(dataset.num_samples(split), world_size, cfg)
+        self._persistent = config.persistent_workers and num_workers > 0
+        # Persistent workers keep their copy of the stream across epochs; they read where to start
+        # from this shared-memory (epoch, batch) pair, set by __iter__ before each pass.
+        self._position = torch.zeros(2, dtype=torch.int64).share_memory_() if self._persistent else None
+        self._dataloader: torch.utils.data.DataLoader | None = None
 
     def __len__(self) -> int:
         return self._len
@@ -168,20 +178,28 @@ class Loader:
         """The IterableDataset of the current position (what each DataLoader worker gets a copy of)."""
         self._normalise()
         return BatchStream(self.dataset, self.split, self.decoder, self.plan_config, self.rank, self.world_size,
-                           self.num_workers, self.epoch, self.batches, self.on_error)
+                           self.num_workers, self.epoch, self.batches, self.on_error, self._position)
+
+    def _make_dataloader(self, stream: BatchStream, pin: bool) -> torch.utils.data.DataLoader:
+        _preload(self.decoder.spec.modalities)
+        return torch.utils.data.DataLoader(
+            stream, batch_size=None, num_workers=self.num_workers, pin_memory=pin,
+            prefetch_factor=self.config.prefetch_factor, persistent_workers=self._persistent,
+            generator=torch.Generator().manual_seed(self.plan_config.seed),  # keeps the global RNG untouched
+        )
 
     def __iter__(self) -> Iterator[Batch]:
         stream = self.stream()
         pin = self.config.pin_memory and torch.cuda.is_available()
         if self.num_workers == 0:
             it = iter(stream)
+        elif self._persistent:
+            self._position.copy_(torch.tensor([self.epoch, self.batches]))
+            if self._dataloader is None:
+                self._dataloader = self._make_dataloader(stream, pin)
+            it = iter(self._dataloader)
         else:
-            _preload(self.decoder.spec.modalities)
-            it = iter(torch.utils.data.DataLoader(
-                stream, batch_size=None, num_workers=self.num_workers, pin_memory=pin,
-                prefetch_factor=self.config.prefetch_factor,
-                generator=torch.Generator().manual_seed(self.plan_config.seed),  # keeps the global RNG untouched
-            ))
+            it = iter(self._make_dataloader(stream, pin))
         try:
             for batch, skipped in it:
                 if skipped:
@@ -195,9 +213,17 @@ class Loader:
             # Stop the workers now, also on an error or a break: a traceback keeps the DataLoader
             # iterator alive, and its workers would otherwise linger until garbage collection.
             shutdown = getattr(it, "_shutdown_workers", None)
-            if shutdown is not None:
+            if shutdown is not None and not self._persistent:
                 shutdown()
         self._normalise()
+
+    def close(self) -> None:
+        """Stop persistent workers now (they otherwise live until the loader is garbage collected)."""
+        if self._dataloader is not None:
+            shutdown = getattr(self._dataloader._iterator, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+            self._dataloader = None
 
     def state_dict(self) -> dict[str, Any]:
         """Position to resume from, plus what it is only valid for."""

@@ -410,3 +410,36 @@ def test_loader_crops_training_audio_per_epoch(tmp_path):
     assert sum(not torch.equal(a[k], b[k]) for k in a) > len(a) // 2
     c, d = audio_by_key(False, 0), audio_by_key(False, 1)
     assert all(torch.equal(c[k], d[k]) for k in c)
+
+
+def _rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_persistent_workers_same_batches_same_processes_flat_memory(tiny):
+    ds = open_dataset(tiny)
+    args = dict(batch_size=4, num_workers=2, seed=3)
+    plain = make_loader(ds, "train", **args, config=LoaderConfig(audio_seconds=0.1))
+    kept = make_loader(ds, "train", **args, config=LoaderConfig(audio_seconds=0.1, persistent_workers=True))
+    pids, rss = None, []
+    for epoch in range(4):
+        plain.set_epoch(epoch)
+        kept.set_epoch(epoch)
+        assert epoch_keys(kept) == epoch_keys(plain)
+        workers = [w.pid for w in kept._dataloader._iterator._workers]
+        assert pids is None or workers == pids  # the same processes serve every epoch
+        pids = workers
+        rss.append(sum(_rss_kb(p) for p in workers))
+    assert rss[-1] - rss[1] < 20_000  # KiB: no growth from epoch to epoch
+    # a break mid-epoch, then the state of a fresh persistent loader, resumes exactly
+    kept.set_epoch(5)
+    it = iter(kept)
+    first = [next(it).keys for _ in range(2)]
+    state = kept.state_dict()
+    rest = [b.keys for b in it]
+    again = make_loader(ds, "train", **args, config=LoaderConfig(audio_seconds=0.1, persistent_workers=True))
+    again.load_state_dict(state)
+    assert [b.keys for b in again] == rest and len(first + rest) == len(kept)
+    kept.close()
+    again.close()
