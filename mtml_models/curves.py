@@ -12,6 +12,7 @@ def draw_curves(history: list[dict[str, Any]], path: str | Path) -> int:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [row["epoch"] + 1 for row in history]
     losses = sorted({k for row in history for k in row if k.startswith("train_")})
@@ -24,6 +25,7 @@ def draw_curves(history: list[dict[str, Any]], path: str | Path) -> int:
                     label=name.split("_", 1)[1])
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
