@@ -23,7 +23,7 @@ demo: .venv/installed
 	$(PY) -m mmdata show $(DEMO)/data --split train -n 6 -o $(DEMO)/sheet.png
 	$(PY) -m mmdata stats $(DEMO)/data -o $(DEMO)/stats.png
 	$(PY) -m mtml_models train --data $(DEMO)/data --config configs/avmnist.yaml --out $(DEMO)/model \
-		--set optim.epochs=15 --set data.batch_size=16
+		--set optim.epochs=30 --set data.batch_size=16
 	$(PY) -m mtml_models eval --run $(DEMO)/model --split test
 	$(PY) -m mtml_models eval --run $(DEMO)/model --split test --drop-modality audio
 	@echo "demo done: contact sheet $(DEMO)/sheet.png, stats $(DEMO)/stats.png, curves $(DEMO)/model/curves.png"

@@ -82,7 +82,8 @@ def make_session(cfg: TrainConfig, data: str, device: torch.device) -> Session:
     augment = Pipeline(AugmentConfig.from_dict(cfg.augment), sample_rate=sample_rate, tasks=tasks)
     loader_config = LoaderConfig(image_size=tuple(cfg.data.image_size), audio_seconds=cfg.data.audio_seconds,
                                  max_text_tokens=cfg.data.max_text_tokens,
-                                 decode_images_on=cfg.data.decode_images_on)
+                                 decode_images_on=cfg.data.decode_images_on,
+                                 persistent_workers=True)  # no worker start-up per epoch
     return Session(cfg, ds, tasks, model.to(device), augment.to(device), device, modalities, loader_config)
 
 

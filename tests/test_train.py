@@ -62,8 +62,9 @@ def test_train_then_eval_reports_every_task(avdata, tmp_path, capsys):
 
 def test_resumed_run_continues_the_same_curve(avdata, tmp_path):
     whole, halves = tmp_path / "whole", tmp_path / "halves"
-    _train(avdata, whole)
-    _train(avdata, halves, "--stop-after", "1")
+    one_worker = ("--set", "data.num_workers=1")  # a persistent worker process, reseeded per epoch
+    _train(avdata, whole, *one_worker)
+    _train(avdata, halves, *one_worker, "--stop-after", "1")
     assert len(_rows(halves)) == 1
     assert mtml(["train", "--data", str(avdata), "--out", str(halves), "--resume", "--no-progress"]) == 0
     a, b = _rows(whole), _rows(halves)
