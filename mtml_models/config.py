@@ -46,6 +46,9 @@ class TrainConfig:
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     weighting: dict[str, Any] = field(default_factory=lambda: {"name": "equal"})
+    # Late fusion: each modality's heads also learn alone, with this weight on their masked losses,
+    # so the model keeps working when a modality is missing at test time. 0 turns it off.
+    aux_loss: float = 0.0
     select: str = "delta_m"  # "delta_m" or "<task>/<metric>", e.g. "digit/accuracy"
     seed: int = 0
 
@@ -71,6 +74,8 @@ class TrainConfig:
             raise ConfigError(f"data.batch_size must be positive, got {self.data.batch_size}")
         if self.optim.epochs < 1:
             raise ConfigError(f"optim.epochs must be positive, got {self.optim.epochs}")
+        if self.aux_loss < 0:
+            raise ConfigError(f"aux_loss must be >= 0, got {self.aux_loss}")
         if self.data.decode_images_on not in ("cpu", "device"):
             raise ConfigError(f"data.decode_images_on must be 'cpu' or 'device', got {self.data.decode_images_on!r}")
 

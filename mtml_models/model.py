@@ -169,11 +169,15 @@ class MultiTaskModel(nn.Module):
                 masks[m] = torch.zeros(ref.shape[0], dtype=torch.bool, device=ref.device)
         return feats, masks
 
-    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Batch, parts: bool = False):
+        """{task: output}; with ``parts=True`` (late fusion only) also {modality: {task: output}}."""
         feats, masks = self.encode(batch)
         if self.late:
             per_modality = {m: self.heads[m](self.trunks[m](feats[m])) for m in self.cfg.modalities}
-            return self.fusion(per_modality, masks)
+            fused = self.fusion(per_modality, masks)
+            return (fused, per_modality) if parts else fused
+        if parts:
+            raise ConfigError("per-modality outputs exist only with late fusion (model.fusion.name: late)")
         fused = self.fusion_dropout(self.fusion(feats, masks))  # (B, F)
         return self.heads(self.trunk(fused))
 

@@ -228,6 +228,9 @@ def train(cfg: TrainConfig, data: str, out: str | Path, *, resume: bool = False,
             train_model, device_ids=[dev.index] if dev.type == "cuda" else None)
     meta_base = {"config": cfg.to_dict(), "card_digest": card_digest(ds), "data": str(data),
                  "tasks": [t.to_dict() for t in session.tasks]}
+    aux = cfg.aux_loss
+    if aux and not model.late:
+        raise ConfigError(f"aux_loss={aux} needs late fusion (model.fusion.name: late); set aux_loss: 0")
     end = cfg.optim.epochs if stop_after is None else min(cfg.optim.epochs, start + stop_after)
     for epoch in range(start, end):
         train_loader.set_epoch(epoch)
@@ -242,9 +245,13 @@ def train(cfg: TrainConfig, data: str, out: str | Path, *, resume: bool = False,
         for batch in bar:
             batch = aug(batch, generator=gen)
             with _autocast(session):
-                outputs = train_model(batch)
+                outputs = train_model(batch, parts=True) if aux else train_model(batch)
+            if aux:
+                outputs, parts = outputs
             losses = task_losses({k: v.float() for k, v in outputs.items()}, batch, session.tasks,
                                  target_stats=model.target_stats)
+            if aux:
+                _add_aux_losses(losses, parts, batch, session.tasks, model.target_stats, aux)
             opt.zero_grad(set_to_none=True)
             loss = weighting.backward(losses, shared)
             if cfg.optim.grad_clip > 0:
@@ -283,6 +290,23 @@ def train(cfg: TrainConfig, data: str, out: str | Path, *, resume: bool = False,
         if world > 1:
             dist.barrier()
     return best or read_meta(out / "last")["best"]
+
+
+def _add_aux_losses(losses: dict[str, torch.Tensor], parts: dict[str, dict[str, torch.Tensor]], batch,
+                    tasks, target_stats, weight: float) -> None:
+    """Add each modality's own masked task losses, counted only on samples where it is present."""
+    from dataclasses import replace
+
+    from .losses import task_losses
+
+    for modality, outputs in parts.items():
+        present = batch.mask(modality)
+        if present is None:
+            continue
+        alone = replace(batch, label_mask={t: m & present for t, m in batch.label_mask.items()})
+        for task, value in task_losses({k: v.float() for k, v in outputs.items()}, alone, tasks,
+                                       target_stats=target_stats).items():
+            losses[task] = losses[task] + weight * value
 
 
 def _headline(ms: dict[str, float]) -> str:

@@ -121,3 +121,23 @@ def test_two_process_ddp_matches_one_process(avdata, tmp_path):
     # Same data, global batch and initialisation; the two runs differ only in sample order.
     assert float(b[-1]["train_loss"]) == pytest.approx(float(a[-1]["train_loss"]), rel=0.1)
     assert float(b[-1]["val_digit_accuracy"]) == pytest.approx(float(a[-1]["val_digit_accuracy"]), abs=0.2)
+
+
+def test_aux_losses_train_each_modality_alone_where_present():
+    from mmdata.batch import Batch
+    from mmdata.tasks import Task, TaskList
+    from mtml_models.train import _add_aux_losses
+
+    tasks = TaskList((Task("digit", "classification", ("0", "1")),))
+    batch = Batch(keys=["a", "b"], image_mask=torch.tensor([True, True]), audio_mask=torch.tensor([True, False]),
+                  labels={"digit": torch.tensor([0, 1])}, label_mask={"digit": torch.tensor([True, True])})
+    good, bad = torch.tensor([[9.0, -9.0]]), torch.tensor([[-9.0, 9.0]])
+    parts = {"image": {"digit": torch.cat([good, bad])},  # right on both samples (labels 0, 1)
+             "audio": {"digit": torch.cat([good, good])}}  # wrong on b, which has no audio
+    losses = {"digit": torch.tensor(1.0)}
+    _add_aux_losses(losses, parts, batch, tasks, {}, weight=0.5)
+    assert losses["digit"].item() == pytest.approx(1.0, abs=1e-3)  # both parts right where present
+    parts["audio"]["digit"] = torch.cat([bad, good])  # now wrong on a, which has audio
+    losses = {"digit": torch.tensor(1.0)}
+    _add_aux_losses(losses, parts, batch, tasks, {}, weight=0.5)
+    assert losses["digit"].item() == pytest.approx(1.0 + 0.5 * 18, abs=1e-3)
