@@ -62,7 +62,8 @@ def decode_images(batch: Batch, device: torch.device | str) -> Batch:
         raise SchemaError(f"batch.image_offsets must have B+1={B + 1} entries, got {len(offsets)}")
     buffer = batch.image_bytes.cpu()  # decode_jpeg reads host memory and writes to ``device``
     rows = [i for i in range(B) if offsets[i + 1] > offsets[i]]  # absent rows have no bytes (and are masked)
-    decoded = _decode([buffer[offsets[i]:offsets[i + 1]] for i in rows], [batch.keys[i] for i in rows], device)
+    decoded = (_decode([buffer[offsets[i]:offsets[i + 1]] for i in rows], [batch.keys[i] for i in rows], device)
+               if rows else [])  # a batch of PNGs or without images carries no JPEG bytes
 
     size = batch.image_size or (tuple(batch.image.shape[-2:]) if batch.image is not None else None)
     if size is None:

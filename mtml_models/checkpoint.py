@@ -65,8 +65,17 @@ def save_checkpoint(directory: str | Path, model: torch.nn.Module, meta: dict[st
         shutil.rmtree(old, ignore_errors=True)
         target.rename(old)
     tmp.rename(target)
+    _fsync_dir(target.parent)  # make both renames durable before the old copy goes
     shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _json_default(v: Any) -> Any:

@@ -63,6 +63,10 @@ class TrainConfig:
             for f in dataclasses.fields(sub):
                 if f.name in section and isinstance(section[f.name], list):
                     section[f.name] = tuple(section[f.name])
+            if isinstance(section.get("image_size"), int):  # a square, as LoaderConfig takes it
+                section["image_size"] = (section["image_size"],) * 2
+            if isinstance(section.get("tasks"), str):
+                section["tasks"] = (section["tasks"],)
             kwargs[name] = sub(**section)
         kwargs.update(d)
         cfg = cls(**kwargs)

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
-from mmdata.errors import ConfigError
+from mmdata.errors import ConfigError, SchemaError
 
 from .checkpoint import load_checkpoint, read_meta
 from .config import TrainConfig
-from .train import evaluate_loader, make_session, pick_device
+from .train import card_digest, evaluate_loader, make_session, pick_device
+
+log = logging.getLogger(__name__)
 
 
 def evaluate_run(run: str | Path, data: str, split: str = "test", *, drop_modality: str | None = None,
@@ -26,6 +29,13 @@ def evaluate_run(run: str | Path, data: str, split: str = "test", *, drop_modali
         raise ConfigError(f"split {split!r} is not in {data!r}; it has {sorted(session.dataset.splits)}")
     if drop_modality and drop_modality not in session.modalities:
         raise ConfigError(f"--drop-modality {drop_modality!r}: the model uses {list(session.modalities)}")
+    trained = meta.get("tasks", [])
+    now = [t.to_dict() for t in session.tasks]
+    if trained != now:
+        raise SchemaError(f"the run was trained on tasks {trained} but {data!r} has {now}; evaluate on the "
+                          f"dataset the run was trained on (or one built with the same task config)")
+    if meta.get("card_digest") != card_digest(session.dataset):
+        log.warning("%s differs from the dataset the run was trained on (%s)", data, meta.get("data"))
     load_checkpoint(run / checkpoint, session.model)
     loader = make_loader(session.dataset, split, batch_size=batch_size or cfg.data.batch_size, shuffle=False,
                          modalities=list(session.modalities), tasks=session.tasks.names,

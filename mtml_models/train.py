@@ -48,7 +48,10 @@ class Session:
 def pick_device(requested: str | None = None) -> torch.device:
     """``requested``, else this process's CUDA device (LOCAL_RANK under torchrun), else CPU."""
     if requested:
-        return torch.device(requested)
+        dev = torch.device(requested)
+        if dev.type == "cuda" and dev.index is None:  # one GPU per torchrun rank
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return dev
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
@@ -99,7 +102,8 @@ def set_target_stats(session: Session) -> None:
         values = [v for v in session.dataset.label_values(session.cfg.data.train_split, task.name) if v is not None]
         if values:
             t = torch.tensor(values, dtype=torch.float32)  # (N, D)
-            session.model.set_target_stats(task.name, t.mean(0), t.std(0).clamp_min(1e-6))
+            std = t.std(0, correction=0).clamp_min(1e-6)  # one labelled value: std 0, not NaN
+            session.model.set_target_stats(task.name, t.mean(0), std)
 
 
 def _schedule(step: int, warmup: int, total: int) -> float:
@@ -110,17 +114,17 @@ def _schedule(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _distributed() -> tuple[int, int]:
+def _distributed(dev: torch.device) -> tuple[int, int]:
     """(rank, world size), joining the process group torchrun describes in the environment."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
 def evaluate_loader(session: Session, loader, drop_modality: str | None = None) -> dict[str, dict[str, float]]:
-    """Per-task metrics of the model over a loader, in eval mode, synced across ranks."""
+    """Per-task metrics of the model over a loader (the whole split in this process), in eval mode."""
     from mmdata.prefetch import DevicePrefetcher
 
     from .metrics import MetricSet
@@ -133,10 +137,8 @@ def evaluate_loader(session: Session, loader, drop_modality: str | None = None) 
         for batch in DevicePrefetcher(loader, session.device, transform=aug):
             if drop_modality:
                 batch = drop(batch, drop_modality)
-            outputs = _unwrap(model).denormalize(model(batch))
+            outputs = model.denormalize(model(batch))
             meters.update({k: v.float() for k, v in outputs.items()}, batch)
-    if dist.is_initialized():
-        meters.sync()
     return meters.compute()
 
 
@@ -151,10 +153,6 @@ def drop(batch, modality: str):
     rows = torch.zeros(len(batch), len(MODALITIES), dtype=torch.bool, device=mask.device)
     rows[:, MODALITIES.index(modality)] = True
     return ModalityDropout(MixConfig()).apply(batch, {"drop": rows})
-
-
-def _unwrap(model):
-    return model.module if hasattr(model, "module") else model
 
 
 def _autocast(session: Session):
@@ -178,8 +176,8 @@ def train(cfg: TrainConfig, data: str, out: str | Path, *, resume: bool = False,
     from .metrics import selection_score
     from .weighting import make_weighting
 
-    rank, world = _distributed()
     dev = pick_device(device)
+    rank, world = _distributed(dev)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     out = Path(out)
@@ -197,8 +195,12 @@ def train(cfg: TrainConfig, data: str, out: str | Path, *, resume: bool = False,
     train_loader = make_loader(ds, cfg.data.train_split, batch_size=cfg.data.batch_size, shuffle=True,
                                seed=cfg.seed, drop_last=True, **loader_args)
     has_val = bool(cfg.data.val_split) and cfg.data.val_split in ds.splits
+    if cfg.data.val_split not in (None, "val") and not has_val:
+        raise ConfigError(f"data.val_split {cfg.data.val_split!r} is not in the dataset; it has {ds.splits}")
+    _check_select(cfg.select, session.tasks)
+    # Every rank evaluates the whole val split: identical metrics, and no rank-padding duplicates.
     val_loader = (make_loader(ds, cfg.data.val_split, batch_size=cfg.data.batch_size, shuffle=False,
-                              **loader_args) if has_val else None)
+                              **{**loader_args, "rank": 0, "world_size": 1}) if has_val else None)
     if len(train_loader) == 0:
         raise ConfigError(f"split {cfg.data.train_split!r} has fewer samples than one batch per rank "
                           f"(batch_size={cfg.data.batch_size}, world size {world}); lower data.batch_size")
@@ -234,15 +236,16 @@ def train(cfg: TrainConfig, data: str, out: str | Path, *, resume: bool = False,
     end = cfg.optim.epochs if stop_after is None else min(cfg.optim.epochs, start + stop_after)
     for epoch in range(start, end):
         train_loader.set_epoch(epoch)
-        torch.manual_seed(cfg.seed * 1_000_003 + epoch * 101 + rank)  # dropout: reproducible on resume
-        gen = torch.Generator(dev).manual_seed(cfg.seed * 1_000_003 + epoch * 101 + rank + 7)
+        dropout_seed, augment_seed = _seeds(cfg.seed, epoch, rank)
+        torch.manual_seed(dropout_seed)  # dropout: reproducible on resume
+        gen = torch.Generator(dev).manual_seed(augment_seed)
         model.train()
         aug.train()
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}  # on the device: no host sync per step
         seen, t0 = 0, time.perf_counter()
         bar = tqdm(DevicePrefetcher(train_loader, dev), total=len(train_loader), disable=not progress or rank > 0,
                    desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", leave=False)
-        for batch in bar:
+        for step, batch in enumerate(bar):
             batch = aug(batch, generator=gen)
             with _autocast(session):
                 outputs = train_model(batch, parts=True) if aux else train_model(batch)
@@ -259,16 +262,23 @@ def train(cfg: TrainConfig, data: str, out: str | Path, *, resume: bool = False,
             opt.step()
             sched.step()
             seen += len(batch)
-            for name, value in losses.items():
-                sums[name] = sums.get(name, 0.0) + float(value.detach())
-            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
-            bar.set_postfix(loss=f"{float(loss):.3f}", samples_s=f"{seen * world / (time.perf_counter() - t0):.0f}")
+            for name, value in [*losses.items(), ("loss", loss)]:
+                sums[name] = sums.get(name, 0.0) + value.detach().float()
+            if not bar.disable and step % 20 == 0:  # a host sync, so not every step
+                bar.set_postfix(loss=f"{float(loss):.3f}",
+                                samples_s=f"{seen * world / (time.perf_counter() - t0):.0f}")
         elapsed = time.perf_counter() - t0
-        train_losses = {k: v / len(train_loader) for k, v in sums.items()}
+        names = sorted(sums)
+        mean = torch.stack([sums[k] for k in names]) / len(train_loader)  # (K,)
+        if world > 1:
+            dist.all_reduce(mean)
+            mean /= world
+        train_losses = dict(zip(names, mean.tolist()))
         weighting.end_epoch({k: v for k, v in train_losses.items() if k != "loss"})
         metrics = evaluate_loader(session, val_loader) if val_loader is not None else {}
-        baseline = baseline or metrics
-        score = selection_score(metrics, cfg.select, baseline) if metrics else float(epoch)
+        if not baseline and _comparable(metrics):
+            baseline = metrics  # Δm is measured against the first evaluation that has a usable metric
+        score = selection_score(metrics, cfg.select, baseline) if metrics and baseline else float(epoch)
         row = {"epoch": epoch, "samples_per_s": seen * world / elapsed, "lr": sched.get_last_lr()[0],
                **{f"train_{k}": v for k, v in train_losses.items()},
                **{f"val_{t}_{m}": v for t, ms in metrics.items() for m, v in ms.items()}, "score": score}
@@ -289,7 +299,34 @@ def train(cfg: TrainConfig, data: str, out: str | Path, *, resume: bool = False,
                      row["samples_per_s"], "".join(f", {t} {_headline(ms)}" for t, ms in metrics.items()))
         if world > 1:
             dist.barrier()
+    for loader in (train_loader, val_loader):
+        if loader is not None:
+            loader.close()
     return best or read_meta(out / "last")["best"]
+
+
+def _seeds(seed: int, epoch: int, rank: int) -> tuple[int, int]:
+    """Independent (dropout, augmentation) seeds for one (seed, epoch, rank)."""
+    import numpy as np
+
+    a, b = np.random.SeedSequence([seed, epoch, rank]).generate_state(2, dtype=np.uint64)
+    return int(a) >> 1, int(b) >> 1
+
+
+def _check_select(select: str, tasks) -> None:
+    """Fail before training, not after the first epoch, when ``select`` names no metric."""
+    from .metrics import HIGHER_IS_BETTER
+
+    if select == "delta_m":
+        return
+    task, _, metric = select.partition("/")
+    if task not in tasks.names or metric not in HIGHER_IS_BETTER:
+        raise ConfigError(f"select={select!r} names no metric; use 'delta_m' or '<task>/<metric>' with a task in "
+                          f"{tasks.names} and a metric in {sorted(HIGHER_IS_BETTER)}")
+
+
+def _comparable(metrics: dict[str, dict[str, float]]) -> bool:
+    return any(math.isfinite(v) and v != 0 for ms in metrics.values() for v in ms.values())
 
 
 def _add_aux_losses(losses: dict[str, torch.Tensor], parts: dict[str, dict[str, torch.Tensor]], batch,
@@ -350,10 +387,8 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     config = args.config
     if args.resume and not config:
-        stored = Path(args.out) / "config.json"
-        cfg = TrainConfig.from_dict(json.loads(stored.read_text())) if stored.is_file() else None
-        if cfg is None:
-            raise ConfigError(f"--resume needs {stored} or --config")
+        # the config of the last checkpoint: it holds the overrides of earlier resumed invocations too
+        cfg = TrainConfig.from_dict(read_meta(Path(args.out) / "last")["config"])
         if args.set:
             from .config import apply_overrides
             cfg = TrainConfig.from_dict(apply_overrides(cfg.to_dict(), args.set))
