@@ -26,13 +26,14 @@ SPEAKERS = ("george", "jackson", "lucas", "nicolas", "yweweler")
 # variant -> --set overrides on configs/avmnist.yaml. "recipe" is the shipped config unchanged.
 VARIANTS: dict[str, list[str]] = {
     "recipe": [],
-    "image-only": ["model.modalities=[image]", "augment.mix.modality_dropout=0"],
-    "audio-only": ["model.modalities=[audio]", "augment.mix.modality_dropout=0"],
-    "late": ["augment.mix.modality_dropout=0"],
-    "concat+drop": ["model.fusion.name=concat"],
-    "concat": ["model.fusion.name=concat", "augment.mix.modality_dropout=0"],
-    "attention+drop": ["model.fusion.name=attention"],
-    "attention": ["model.fusion.name=attention", "augment.mix.modality_dropout=0"],
+    "image-only": ["model.modalities=[image]", "augment.mix.modality_dropout=0", "aux_loss=0"],
+    "audio-only": ["model.modalities=[audio]", "augment.mix.modality_dropout=0", "aux_loss=0"],
+    "late": ["augment.mix.modality_dropout=0", "aux_loss=0"],
+    "late+drop": ["aux_loss=0"],
+    "concat+drop": ["model.fusion.name=concat", "aux_loss=0"],
+    "concat": ["model.fusion.name=concat", "augment.mix.modality_dropout=0", "aux_loss=0"],
+    "attention+drop": ["model.fusion.name=attention", "aux_loss=0"],
+    "attention": ["model.fusion.name=attention", "augment.mix.modality_dropout=0", "aux_loss=0"],
 }
 
 
