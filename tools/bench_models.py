@@ -26,10 +26,10 @@ SPEAKERS = ("george", "jackson", "lucas", "nicolas", "yweweler")
 # variant -> --set overrides on configs/avmnist.yaml. "recipe" is the shipped config unchanged.
 VARIANTS: dict[str, list[str]] = {
     "recipe": [],
+    "recipe+aux2": ["aux_loss=2"],
     "image-only": ["model.modalities=[image]", "augment.mix.modality_dropout=0", "aux_loss=0"],
     "audio-only": ["model.modalities=[audio]", "augment.mix.modality_dropout=0", "aux_loss=0"],
     "late": ["augment.mix.modality_dropout=0", "aux_loss=0"],
-    "late+drop": ["aux_loss=0"],
     "concat+drop": ["model.fusion.name=concat", "aux_loss=0"],
     "concat": ["model.fusion.name=concat", "augment.mix.modality_dropout=0", "aux_loss=0"],
     "attention+drop": ["model.fusion.name=attention", "aux_loss=0"],
