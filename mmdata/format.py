@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import tarfile
 from collections.abc import Iterator
 from typing import BinaryIO
 
@@ -21,6 +20,7 @@ TEXT_EXT = "txt"
 META_EXT = "json"
 MEMBER_ORDER = ("jpg", "png", "webp", "flac", "wav", "txt", "json")
 BLOCK = 512
+MAX_KEY = 80  # + a collision suffix + ".flac" stays within a ustar name's 100 bytes
 
 
 def shard_name(split: str, index: int) -> str:
@@ -40,8 +40,12 @@ def modality_of(ext: str) -> str | None:
 
 
 def make_key(source_id: str) -> str:
-    """Derive a tar key from a source id: invalid characters become '_', plus a hash when anything changed."""
-    key = re.sub(r"[^A-Za-z0-9_-]", "_", source_id)[:96]
+    """Derive a tar key from a source id: invalid characters become '_', plus a hash when anything changed.
+
+    Ids longer than ``MAX_KEY - 9`` characters are cut and hashed, so that ``KEY.ext`` fits a ustar name
+    even with a collision suffix (``assign_keys``).
+    """
+    key = re.sub(r"[^A-Za-z0-9_-]", "_", source_id)[:MAX_KEY - 9]
     if key != source_id or not key:
         key = f"{key}_{hashlib.sha1(source_id.encode()).hexdigest()[:8]}"
     return key
@@ -63,13 +67,27 @@ def sample_block(key: str, members: dict[str, bytes]) -> bytes:
     parts = []
     for ext in sorted(members, key=lambda e: (MEMBER_ORDER.index(e) if e in MEMBER_ORDER else 99, e)):
         data = members[ext]
-        info = tarfile.TarInfo(f"{key}.{ext}")
-        info.size, info.mtime, info.mode = len(data), 0, 0o644
-        info.uid = info.gid = 0
-        info.uname = info.gname = ""
-        parts += [info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape"), data,
-                  b"\0" * (-len(data) % BLOCK)]
+        parts += [member_header(f"{key}.{ext}", len(data)), data, b"\0" * (-len(data) % BLOCK)]
     return b"".join(parts)
+
+
+# A ustar header with our fixed metadata, as tarfile writes it: only the name, size and checksum vary.
+_HEAD = b"0000644\0" + b"0000000\0" * 2  # mode, uid, gid
+_MID = b"00000000000\0"  # mtime
+_TAIL = b"0" + b"\0" * 100 + b"ustar\x0000" + b"\0" * (32 + 32 + 8 + 8 + 155 + 12)  # type .. prefix, pad
+_CHKSUM_BASE = sum(_HEAD) + sum(_MID) + sum(_TAIL) + 8 * ord(" ")
+
+
+def member_header(name: str, size: int) -> bytes:
+    """The 512-byte ustar header of a regular file ``name`` of ``size`` bytes (mtime 0, root, 0644)."""
+    raw = name.encode("utf-8")
+    if len(raw) > 100:
+        raise ValueError(f"member name {name!r} is longer than 100 bytes; keys are at most {MAX_KEY} characters")
+    if not 0 <= size < 8**11:
+        raise ValueError(f"member {name!r} has {size} bytes; a tar member holds at most 8 GiB")
+    size_field = b"%011o\0" % size
+    chksum = _CHKSUM_BASE + sum(raw) + sum(size_field)
+    return b"".join((raw, b"\0" * (100 - len(raw)), _HEAD, size_field, _MID, b"%06o\0 " % chksum, _TAIL))
 
 
 def archive_bytes(payload: int) -> int:

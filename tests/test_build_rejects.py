@@ -121,3 +121,68 @@ def test_exit_status_follows_max_reject_fraction(bad_corpus, tmp_path, capsys):
         status = main(["build", str(manifest), str(tmp_path / "b"), "--config", cfg, "--no-progress",
                        "--overwrite", "--set", f"max_reject_fraction={fraction + margin:.3f}"])
         assert status == want
+
+
+def _png_variants() -> dict[str, bytes]:
+    """Valid PNGs of several kinds and broken copies, each decodable or not by Pillow."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    def png(**kw) -> bytes:
+        buf = io.BytesIO()
+        img.save(buf, format="PNG", **kw)
+        return buf.getvalue()
+
+    rng = np.random.default_rng(0)
+    out = {}
+    for mode, shape in [("L", (9, 7)), ("RGB", (9, 7, 3)), ("RGBA", (5, 11, 4)), ("LA", (6, 6, 2)), ("1", (13, 3))]:
+        img = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).convert(mode)
+        out[mode] = png()
+    img = Image.fromarray(rng.integers(0, 60000, (8, 5), dtype=np.uint16))
+    out["I;16"] = png()
+    img = Image.fromarray(rng.integers(0, 256, (9, 7, 3), dtype=np.uint8))
+    out["interlaced"] = png(interlace=1)
+    img = img.convert("P")
+    out["palette"] = png()
+    good = out["RGB"]
+    idat = good.index(b"IDAT") - 4
+    length = struct.unpack_from(">I", good, idat)[0]
+    pixels = zlib.decompress(good[idat + 8:idat + 8 + length])
+    out["truncated"] = good[:-20]
+    out["bad crc"] = good[:idat + 9] + bytes([good[idat + 9] ^ 1]) + good[idat + 10:]
+    out["bad filter byte"] = good[:idat] + chunk(b"IDAT", zlib.compress(b"\x07" + pixels[1:])) + good[idat + 12 + length:]
+    out["short pixels"] = good[:idat] + chunk(b"IDAT", zlib.compress(pixels[:-5])) + good[idat + 12 + length:]
+    out["no IEND"] = good[:-12]
+    out["not a png"] = b"GIF89a" + good[6:]
+    return out
+
+
+@pytest.mark.parametrize("name", ["L", "RGB", "RGBA", "LA", "1", "I;16", "interlaced", "palette", "truncated",
+                                  "bad crc", "bad filter byte", "short pixels", "no IEND", "not a png"])
+def test_fast_png_check_agrees_with_pillow(name):
+    """The fast path accepts only what Pillow decodes, with the same size, and takes the common cases."""
+    import io
+
+    from PIL import Image
+
+    from mmdata.build.media import plain_png_size
+
+    data = _png_variants()[name]
+    fast = plain_png_size(data)
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            pillow = im.size
+    except Exception:  # noqa: BLE001
+        pillow = None
+    if fast is not None:
+        assert fast == pillow
+    if name in ("L", "RGB", "RGBA", "LA", "1", "I;16"):
+        assert fast is not None  # the common case never falls back to Pillow
+    if name in ("truncated", "bad crc", "bad filter byte", "short pixels", "no IEND", "not a png"):
+        assert fast is None

@@ -10,7 +10,7 @@ import tarfile
 import pytest
 
 from mmdata.errors import ConfigError, MmdataError, SchemaError
-from mmdata.format import ShardWriter, group_samples, make_key, parse_members
+from mmdata.format import MAX_KEY, ShardWriter, group_samples, make_key, member_header, parse_members
 from mmdata.tasks import BadLabel, Task, infer_task
 
 
@@ -55,6 +55,17 @@ def test_keys_are_valid_and_distinct():
     assert make_key("0_george_1") == "0_george_1"
     a, b = make_key("a b.c"), make_key("a_b_c")
     assert a != b and "." not in a
+    long_a, long_b = make_key("x" * 300), make_key("x" * 301)
+    assert long_a != long_b and len(long_a) <= MAX_KEY
+    ShardWriter(io.BytesIO()).add(f"{long_a}_deadbeef_12", {"flac": b"1"})  # fits a ustar name
+
+
+@pytest.mark.parametrize("name,size", [("a.png", 0), ("0_george_0.wav", 12345), ("k.json", 511),
+                                       ("x" * 95 + ".flac", 8**11 - 1)])
+def test_member_header_is_what_tarfile_writes(name, size):
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, 0, 0o644, 0, 0, "", ""
+    assert member_header(name, size) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
 
 
 def test_task_encoding_rejects_bad_labels():

@@ -120,13 +120,12 @@ def check_record(raw: RawRecord, *, real_root: Path, tasks: tuple[Task, ...], co
             return reject("unsupported_format", f"{modality} {ref.path!r}: {ref.ext!r} is not a {modality} format")
         if ref.data is not None:
             size = len(ref.data)
-            media[modality] = ref
+            media[modality] = MediaRef(ref.ext, path=ref.path, data=ref.data, size=size)
         else:
-            where, problem = _locate(ref.path or "", real_root)
+            where, size, problem = _locate(ref.path or "", real_root)
             if problem:
                 return reject(*problem)
-            size = where.stat().st_size
-            media[modality] = MediaRef(ref.ext, path=str(where))
+            media[modality] = MediaRef(ref.ext, path=where, size=size)
         if size == 0:
             return reject("empty_file", f"{modality} {ref.path!r} is empty (0 bytes)")
         if size > config.max_file_bytes:
@@ -146,29 +145,29 @@ def check_record(raw: RawRecord, *, real_root: Path, tasks: tuple[Task, ...], co
     return Record(raw.source_id, media, labels, raw.split, group, paths, rate)
 
 
-def _locate(rel: str, real_root: Path) -> tuple[Path, tuple[str, str] | None]:
-    """Resolve ``rel`` under the root; refuse absolute paths, ``..`` and symlinks that lead out."""
+def _locate(rel: str, real_root: Path) -> tuple[str, int, tuple[str, str] | None]:
+    """Resolve ``rel`` under the root to (real path, size); refuse absolute paths, ``..`` and links out."""
+    root_s = str(real_root)
     if not rel:
-        return real_root, ("unreadable", "empty path")
-    if os.path.isabs(rel) or Path(rel).drive:
-        return real_root, ("outside_root", f"{rel!r} is an absolute path; give paths relative to the source root")
+        return root_s, 0, ("unreadable", "empty path")
+    if os.path.isabs(rel) or os.path.splitdrive(rel)[0]:
+        return root_s, 0, ("outside_root", f"{rel!r} is an absolute path; give paths relative to the source root")
     joined = os.path.join(real_root, rel)
     # realpath of the folder (cached: a sample's files share it), then of the file only if it is a link
     parent, name = os.path.split(os.path.normpath(joined))
     target = os.path.join(_realdir(parent), name)
     if os.path.islink(target):
         target = os.path.realpath(target)
-    root_s = str(real_root)
     if not (target.startswith(root_s + os.sep) or target == root_s):
-        return real_root, ("outside_root", f"{rel!r} resolves to {target!r}, outside the source root "
+        return root_s, 0, ("outside_root", f"{rel!r} resolves to {target!r}, outside the source root "
                            f"{root_s!r}; copy the file inside the root")
     try:
         st = os.stat(target)
     except OSError:
         st = None
     if st is None or not stat.S_ISREG(st.st_mode):
-        return Path(target), ("unreadable", f"{rel!r} does not exist or is not a file")
-    return Path(target), None
+        return target, 0, ("unreadable", f"{rel!r} does not exist or is not a file")
+    return target, st.st_size, None
 
 
 @functools.lru_cache(maxsize=4096)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import os
 import re
 import tarfile
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ class MediaRef:
     ext: str  # lower-case extension without the dot ("" when unknown)
     path: str | None = None
     data: bytes | None = None
+    size: int | None = None  # bytes, once checked
 
 
 @dataclass
@@ -75,13 +77,16 @@ def detect_layout(source: Path) -> str:
         raise SchemaError(f"cannot tell the layout of file {text!r}; give a CSV/JSONL/Parquet manifest or a tar")
     if not source.is_dir():
         raise DatasetNotFoundError(f"source {text!r} does not exist; give a folder, a manifest file or tar shards")
-    children = sorted(source.iterdir())
+    with os.scandir(source) as it:  # d_type from the listing: no stat per child
+        children = sorted(it, key=lambda e: e.name)
     if any(c.is_file() and c.name.endswith(TAR_EXTS) for c in children):
         return "webdataset"
     for c in children:
-        if c.is_dir() and _is_sample_dir(c):
+        if not c.is_dir():
+            continue
+        if _is_sample_dir(Path(c.path)):
             return "folders"
-        if c.is_dir() and c.name.lower() in SPLIT_NAMES and any(_is_sample_dir(g) for g in c.iterdir() if g.is_dir()):
+        if c.name.lower() in SPLIT_NAMES and any(_is_sample_dir(Path(g.path)) for g in _subdirs(c.path)):
             return "folders"
     return "stems"
 
@@ -207,31 +212,38 @@ def _from_manifest(path: Path, config: BuildConfig) -> list[RawRecord]:
 
 def _from_folders(root: Path) -> list[RawRecord]:
     records = []
-    for child in sorted(root.iterdir()):
-        if not child.is_dir():
-            continue
+    for child in _subdirs(str(root)):
         split_name = SPLIT_NAMES.get(child.name.lower())
-        if split_name and not _is_sample_dir(child):
-            records += [_folder_record(root, d, split_name) for d in sorted(child.iterdir()) if d.is_dir()]
+        if split_name and not _is_sample_dir(Path(child.path)):
+            records += [_folder_record(d, f"{child.name}/{d.name}", split_name) for d in _subdirs(child.path)]
         else:
-            records.append(_folder_record(root, child, None))
+            records.append(_folder_record(child, child.name, None))
     return records
 
 
-def _folder_record(root: Path, d: Path, split: str | None) -> RawRecord:
+def _subdirs(path: str) -> list[os.DirEntry]:
+    """The folders in ``path`` (links to folders included), by name; scandir spares a stat per entry."""
+    with os.scandir(path) as it:
+        return sorted((e for e in it if e.is_dir()), key=lambda e: e.name)
+
+
+def _folder_record(d: os.DirEntry, rel_dir: str, split: str | None) -> RawRecord:
     rec = RawRecord(d.name, split=split)
-    for f in sorted(d.iterdir()):
-        rel = f.relative_to(root).as_posix()
+    with os.scandir(d.path) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for f in entries:
+        rel = f"{rel_dir}/{f.name}"
         if f.name == "labels.json":
             try:
-                labels = json.loads(f.read_text(encoding="utf-8"))
+                with open(f.path, encoding="utf-8") as fh:
+                    labels = json.loads(fh.read())
                 if not isinstance(labels, dict):
                     raise ValueError("not a JSON object")
                 rec.labels = labels
             except (ValueError, UnicodeDecodeError) as e:
                 rec.problems.append(("bad_label", f"{rel}: not a JSON object of labels ({e})"))
             continue
-        ext = f.suffix[1:].lower()
+        ext = os.path.splitext(f.name)[1][1:].lower()
         modality = modality_of_ext(ext)
         if modality is None:
             continue  # README, notes, ...: not part of the sample

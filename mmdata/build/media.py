@@ -6,6 +6,7 @@ import io
 import json
 import struct
 import unicodedata
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,6 +101,10 @@ def encode_image(data: bytes, s: MediaSettings) -> tuple[str, bytes, tuple[int, 
     """Return (ext, bytes, (width, height)); keep jpg/png/webp bytes when nothing needs changing."""
     from PIL import Image
 
+    if s.image_format in ("keep", "png"):
+        size = plain_png_size(data)
+        if size and size[0] * size[1] <= s.max_pixels and (s.max_side is None or max(size) <= s.max_side):
+            return "png", data, size
     try:
         with Image.open(io.BytesIO(data)) as im:
             w, h = im.size
@@ -123,6 +128,57 @@ def encode_image(data: bytes, s: MediaSettings) -> tuple[str, bytes, tuple[int, 
         raise MediaReject("too_large", f"image exceeds the decompression-bomb limit ({e})") from None
     except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad data
         raise MediaReject("unreadable", f"not a readable image ({type(e).__name__}: {e})") from None
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# (colour type, bit depths) -> channels, for the PNGs the fast path checks itself (no palette: Pillow does those)
+PNG_KINDS = {0: ((1, 2, 4, 8, 16), 1), 2: ((8, 16), 3), 4: ((8, 16), 2), 6: ((8, 16), 4)}
+PNG_PLAIN_CHUNKS = {b"IHDR", b"IDAT", b"IEND", b"gAMA", b"sRGB", b"pHYs", b"tIME", b"cHRM", b"tEXt"}
+
+
+def plain_png_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of a complete, intact, non-interlaced, non-palette PNG, else None (ask Pillow).
+
+    Checks what decoding would: every chunk's CRC, the IHDR fields, and that the image data inflates
+    to exactly one filter byte (0-4) plus the pixel bytes per row. Anything unusual returns None,
+    so Pillow, slower but complete, has the last word; this only spares it the common case.
+    """
+    if data[:8] != PNG_SIGNATURE:
+        return None
+    view, pos, header, idat = memoryview(data), 8, None, []
+    while True:
+        if pos + 12 > len(data):
+            return None
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        end = pos + 12 + length
+        if end > len(data) or kind not in PNG_PLAIN_CHUNKS:
+            return None
+        if zlib.crc32(view[pos + 4:end - 4]) != int.from_bytes(view[end - 4:end], "big"):
+            return None
+        if kind == b"IHDR":
+            if header is not None or length != 13:
+                return None
+            header = struct.unpack_from(">IIBBBBB", data, pos + 8)
+        elif kind == b"IDAT":
+            idat.append(view[pos + 8:end - 4])
+        elif kind == b"IEND":
+            break
+        pos = end
+    if header is None or not idat:
+        return None
+    w, h, depth, colour, compression, filtering, interlace = header
+    depths, channels = PNG_KINDS.get(colour, ((), 0))
+    if depth not in depths or compression or filtering or interlace or not 0 < w * h <= 1 << 26:
+        return None
+    stride = 1 + (w * channels * depth + 7) // 8
+    inflate = zlib.decompressobj()
+    try:
+        raw = inflate.decompress(b"".join(idat), stride * h + 1)
+    except zlib.error:
+        return None
+    if len(raw) != stride * h or not inflate.eof or max(raw[::stride]) > 4:
+        return None
+    return w, h
 
 
 def _save(im, fmt: str, quality: int) -> bytes:

@@ -167,7 +167,7 @@ def _media_settings(records: list[Record], config: BuildConfig) -> MediaSettings
 def _fingerprint(resolved: dict[str, Any], records: list[Record], split_of: dict[str, str]) -> str:
     h = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode())
     for r in sorted(records, key=lambda r: r.key):
-        sizes = [len(m.data) if m.data is not None else os.path.getsize(m.path) for m in r.media.values()]
+        sizes = [m.size for m in r.media.values()]
         h.update(json.dumps([r.key, r.source_id, split_of[r.key], r.paths, sizes, r.labels]).encode())
     return h.hexdigest()
 
