@@ -49,6 +49,9 @@ class TrainConfig:
     # Late fusion: each modality's heads also learn alone, with this weight on their masked losses,
     # so the model keeps working when a modality is missing at test time. 0 turns it off.
     aux_loss: float = 0.0
+    # Weight of the fused output's loss. 0 (with aux_loss > 0) trains late fusion's branches
+    # independently: each is then as good alone as a unimodal model, and the fused logits average them.
+    fused_loss: float = 1.0
     select: str = "delta_m"  # "delta_m" or "<task>/<metric>", e.g. "digit/accuracy"
     seed: int = 0
 
@@ -78,8 +81,11 @@ class TrainConfig:
             raise ConfigError(f"data.batch_size must be positive, got {self.data.batch_size}")
         if self.optim.epochs < 1:
             raise ConfigError(f"optim.epochs must be positive, got {self.optim.epochs}")
-        if self.aux_loss < 0:
-            raise ConfigError(f"aux_loss must be >= 0, got {self.aux_loss}")
+        if self.aux_loss < 0 or self.fused_loss < 0:
+            raise ConfigError(f"aux_loss and fused_loss must be >= 0, got {self.aux_loss} and {self.fused_loss}")
+        if self.fused_loss == 0 and self.aux_loss == 0:
+            raise ConfigError("fused_loss=0 and aux_loss=0 leave nothing to learn from; set aux_loss: 1 to train "
+                              "the late-fusion branches independently")
         if self.data.decode_images_on not in ("cpu", "device"):
             raise ConfigError(f"data.decode_images_on must be 'cpu' or 'device', got {self.data.decode_images_on!r}")
 

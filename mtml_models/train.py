@@ -172,7 +172,6 @@ def train(cfg: TrainConfig, data: str, out: str | Path, *, resume: bool = False,
     from mmdata import make_loader
     from mmdata.prefetch import DevicePrefetcher
 
-    from .losses import task_losses
     from .metrics import selection_score
     from .weighting import make_weighting
 
@@ -233,6 +232,8 @@ def train(cfg: TrainConfig, data: str, out: str | Path, *, resume: bool = False,
     aux = cfg.aux_loss
     if aux and not model.late:
         raise ConfigError(f"aux_loss={aux} needs late fusion (model.fusion.name: late); set aux_loss: 0")
+    if cfg.fused_loss == 0 and model.cfg.fusion.late_weights == "learned":
+        raise ConfigError("fused_loss=0 leaves late_weights: learned without a gradient; use late_weights: mean")
     end = cfg.optim.epochs if stop_after is None else min(cfg.optim.epochs, start + stop_after)
     for epoch in range(start, end):
         train_loader.set_epoch(epoch)
@@ -249,12 +250,7 @@ def train(cfg: TrainConfig, data: str, out: str | Path, *, resume: bool = False,
             batch = aug(batch, generator=gen)
             with _autocast(session):
                 outputs = train_model(batch, parts=True) if aux else train_model(batch)
-            if aux:
-                outputs, parts = outputs
-            losses = task_losses({k: v.float() for k, v in outputs.items()}, batch, session.tasks,
-                                 target_stats=model.target_stats)
-            if aux:
-                _add_aux_losses(losses, parts, batch, session.tasks, model.target_stats, aux)
+            losses = step_losses(outputs, batch, session.tasks, model.target_stats, fused=cfg.fused_loss, aux=aux)
             opt.zero_grad(set_to_none=True)
             loss = weighting.backward(losses, shared)
             if cfg.optim.grad_clip > 0:
@@ -327,6 +323,26 @@ def _check_select(select: str, tasks) -> None:
 
 def _comparable(metrics: dict[str, dict[str, float]]) -> bool:
     return any(math.isfinite(v) and v != 0 for ms in metrics.values() for v in ms.values())
+
+
+def step_losses(outputs, batch, tasks, target_stats, *, fused: float = 1.0, aux: float = 0.0) -> dict[str, torch.Tensor]:
+    """Per-task training losses: ``fused`` x the model output's + ``aux`` x each modality's own.
+
+    ``outputs`` is what the model returned: ``{task: output}``, or with ``aux`` the pair
+    (outputs, parts) of ``model(batch, parts=True)``. ``fused=0`` trains late fusion's branches
+    independently: each modality learns only from its own loss, an ensemble in one model.
+    """
+    from .losses import task_losses
+
+    parts = None
+    if aux:
+        outputs, parts = outputs
+    losses = task_losses({k: v.float() for k, v in outputs.items()}, batch, tasks, target_stats=target_stats)
+    if fused != 1.0:
+        losses = {task: fused * value for task, value in losses.items()}
+    if parts is not None:
+        _add_aux_losses(losses, parts, batch, tasks, target_stats, aux)
+    return losses
 
 
 def _add_aux_losses(losses: dict[str, torch.Tensor], parts: dict[str, dict[str, torch.Tensor]], batch,

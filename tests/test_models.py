@@ -317,3 +317,32 @@ def test_time_warped_audio_ignores_speaking_rate_and_padding():
     plain.load_state_dict(enc.state_dict())
     zp, _ = plain(batch.nan_to_num(0.0), torch.tensor([40, 20]), torch.tensor([True, True]))
     assert not torch.allclose(zp[0], zp[1], atol=0.05 * float(zp[0].abs().max()))
+
+
+@pytest.mark.parametrize("fused,independent", [(0.0, True), (1.0, False)])
+def test_fused_loss_zero_trains_late_branches_independently(fused, independent):
+    """With fused_loss=0 the image branch's gradient does not depend on the audio: an ensemble in one model."""
+    from mtml_models.train import step_losses
+
+    model = MultiTaskModel(TASKS, make_cfg("late", modalities=("image", "audio")))
+
+    def image_grads(batch):
+        model.zero_grad()
+        out = model(batch, parts=True)
+        losses = step_losses(out, batch, TASKS, model.target_stats, fused=fused, aux=1.0)
+        sum(losses.values()).backward()
+        return torch.cat([p.grad.flatten() for p in model.encoders["image"].parameters()])
+
+    a, b = make_batch(seed=1), make_batch(seed=1)
+    b = dataclasses.replace(b, audio=b.audio.flip(0))  # other audio, same images and labels
+    same = torch.allclose(image_grads(a), image_grads(b))
+    assert same == independent
+
+
+def test_fused_loss_config_errors():
+    from mtml_models.config import TrainConfig
+
+    with pytest.raises(ConfigError, match="nothing to learn"):
+        TrainConfig.from_dict({"fused_loss": 0, "aux_loss": 0})
+    with pytest.raises(ConfigError, match="fused_loss"):
+        TrainConfig.from_dict({"fused_loss": -1})
