@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Iterator
 
 import numpy as np
@@ -15,16 +16,18 @@ from .format import group_samples, parse_members
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 8 << 20  # one read covers adjacent samples up to this many bytes
+MAX_OPEN = 64  # shard descriptors kept open per reader; the least recently used is closed past this
 
 
 class ShardReader:
-    """Byte ranges of one split's shards. Opens files lazily (in the worker) and closes them on ``close``."""
+    """Byte ranges of one split's shards. Opens files lazily (in the worker), keeps at most ``MAX_OPEN``
+    open (a split of 100,000 shards must not exhaust descriptors), and closes them on ``close``."""
 
     def __init__(self, dataset: Dataset, split: str):
         self.dataset = dataset
         self.split = split
         self.index: SplitIndex = dataset.split_index(split)
-        self._fds: dict[int, object] = {}
+        self._fds: OrderedDict[int, int] = OrderedDict()  # shard -> descriptor, least recent first
         self._remote = is_url(dataset.root)
         self._fs = None
 
@@ -36,10 +39,7 @@ class ShardReader:
             if self._remote and self.dataset.cache is None:
                 data = self._fs_cat(path, start, start + length)
             else:
-                fd = self._fds.get(shard)
-                if fd is None:
-                    fd = self._fds[shard] = self._open(shard, path)
-                data = os.pread(fd, length, start)
+                data = os.pread(self._fd(shard, path), length, start)
         except FileNotFoundError:
             raise CorruptShardError(f"shard {file!r} is missing from {self.dataset.root!r}; restore it or "
                                     "rebuild the dataset with `mmdata build`") from None
@@ -51,6 +51,16 @@ class ShardReader:
             raise CorruptShardError(f"shard {file!r} is truncated: the index expects bytes {start}..{start + length}"
                                     f" but the file ends at {start + len(data)}; rebuild the dataset")
         return data
+
+    def _fd(self, shard: int, path: str) -> int:
+        fd = self._fds.get(shard)
+        if fd is not None:
+            self._fds.move_to_end(shard)
+            return fd
+        if len(self._fds) >= MAX_OPEN:
+            os.close(self._fds.popitem(last=False)[1])
+        fd = self._fds[shard] = self._open(shard, path)
+        return fd
 
     def _open(self, shard: int, path: str) -> int:
         """A descriptor of a local shard, or of the cached local copy of a remote one."""
@@ -84,7 +94,7 @@ class ShardReader:
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_fds"] = {}  # file descriptors never cross a process boundary
+        state["_fds"] = OrderedDict()  # file descriptors never cross a process boundary
         state["_fs"] = None
         return state
 

@@ -443,3 +443,23 @@ def test_persistent_workers_same_batches_same_processes_flat_memory(tiny):
     assert [b.keys for b in again] == rest and len(first + rest) == len(kept)
     kept.close()
     again.close()
+
+
+def test_reader_keeps_few_shards_open(tmp_path, monkeypatch):
+    """A worker that visits many shards closes the least recently used: no descriptor exhaustion."""
+    import mmdata.reader as reader_mod
+    from mmdata.reader import ShardReader
+
+    monkeypatch.setattr(reader_mod, "MAX_OPEN", 3)
+    root = write_dataset(tmp_path / "many", shard_sizes=(2,) * 10)
+    ds = open_dataset(root)
+    reader = ShardReader(ds, "train")
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(2):
+        for shard in range(10):
+            head = reader.read_range(shard, 0, 512)
+            assert head[:5] == f"s{2 * shard:04d}".encode()[:5]
+            assert len(reader._fds) <= 3
+            assert len(os.listdir("/proc/self/fd")) - before <= 3
+    reader.close()
+    assert len(os.listdir("/proc/self/fd")) == before
