@@ -49,8 +49,10 @@ class DevicePrefetcher:
     """
 
     def __init__(self, loader: Iterable[Batch], device: torch.device | str, transform: Transform | None = None,
-                 decode: bool = True):
+                 decode: bool = True, on_error: str | None = None):
         self.loader = loader
+        # an undecodable JPEG: raise, or mark the image absent ("skip"); by default as the loader does
+        self.on_error = on_error or getattr(loader, "on_error", "raise")
         self.device = torch.device(device)
         self.transform = transform
         self.decode = decode
@@ -78,7 +80,7 @@ class DevicePrefetcher:
 
     def _finish(self, batch: Batch) -> Batch:
         if self.decode and batch.image_bytes is not None:
-            batch = decode_images(batch, self.device)
+            batch = decode_images(batch, self.device, self.on_error)
         return self.transform(batch) if self.transform is not None else batch
 
     def __iter__(self) -> Iterator[Batch]:

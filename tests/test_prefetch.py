@@ -71,6 +71,27 @@ def test_decode_without_bytes_is_a_no_op_and_bad_bytes_name_the_sample():
         decode_images(bad, "cpu")
 
 
+def test_undecodable_jpeg_under_skip_becomes_an_absent_image(caplog):
+    """on_error="skip" (the loader's) marks a bad JPEG's image absent instead of failing the batch."""
+    bad = packed_batch()
+    raw = bytearray(bad.image_bytes.numpy().tobytes())
+    start, end = int(bad.image_offsets[1]), int(bad.image_offsets[2])
+    raw[start:end] = b"\xff\xd8" + b"\x00" * (end - start - 2)
+    bad.image_bytes = torch.frombuffer(raw, dtype=torch.uint8)
+
+    class SkippingLoader(list):
+        on_error = "skip"
+
+    with caplog.at_level("WARNING"):
+        (out,) = list(DevicePrefetcher(SkippingLoader([bad]), "cpu"))
+    assert "k1" in caplog.text
+    assert out.image_mask.tolist() == [True, False, True, False, True]
+    assert (out.image[1] == 0).all() and out.image_bytes is None
+    good = decode_images(packed_batch(), "cpu")
+    for i in (0, 2, 4):  # the other rows decode as they would in a clean batch
+        assert torch.equal(out.image[i], good.image[i])
+
+
 def test_pipeline_decodes_packed_bytes_itself():
     aug = Pipeline(AugmentConfig.from_dict({"image": {"size": [8, 8]}})).eval()
     out = aug(packed_batch())
