@@ -156,15 +156,19 @@ def _locate(rel: str, real_root: Path) -> tuple[str, int, tuple[str, str] | None
     # realpath of the folder (cached: a sample's files share it), then of the file only if it is a link
     parent, name = os.path.split(os.path.normpath(joined))
     target = os.path.join(_realdir(parent), name)
-    if os.path.islink(target):
+    try:
+        st = os.lstat(target)  # one call: is it a link, and if not, its type and size
+    except OSError:
+        st = None
+    if st is not None and stat.S_ISLNK(st.st_mode):
         target = os.path.realpath(target)
+        try:
+            st = os.stat(target)
+        except OSError:
+            st = None
     if not (target.startswith(root_s + os.sep) or target == root_s):
         return root_s, 0, ("outside_root", f"{rel!r} resolves to {target!r}, outside the source root "
                            f"{root_s!r}; copy the file inside the root")
-    try:
-        st = os.stat(target)
-    except OSError:
-        st = None
     if st is None or not stat.S_ISREG(st.st_mode):
         return target, 0, ("unreadable", f"{rel!r} does not exist or is not a file")
     return target, st.st_size, None

@@ -86,7 +86,7 @@ def _prepare_remote(dest, *, overwrite: bool) -> None:
 
 def _build(raws, root: Path, layout: str, tasks: tuple[Task, ...], out: Path, config: BuildConfig, pool, dest,
            *, overwrite: bool, resume: bool, progress: bool) -> Card:
-    records, rejects = align(raws, root, tasks, config, map_fn=pool.map)
+    records, rejects = align(raws, root, tasks, config, map_fn=pool.check_map)
     settings = _media_settings(records, config)
     split_of = assign_splits(records, config)
     resolved = config.to_dict()
