@@ -153,19 +153,33 @@ class TransformerFusion(nn.Module):
 
 
 class LateFusion(nn.Module):
-    """Combine per-modality task outputs: mean over present modalities, or learned weights renormalised.
+    """Combine per-modality task outputs: a weighted mean over the modalities present in each sample.
 
-    ``weights="learned"`` keeps one logit per (task, modality); the weights are a softmax over the
-    modalities present in each sample. A sample with no modality present gets zeros.
+    ``weights="mean"`` weighs every modality alike; a mapping such as ``{"audio": 0.5}`` fixes a
+    modality's weight (unnamed ones weigh 1), for a modality known to generalise worse; ``"learned"``
+    keeps one logit per (task, modality), the weights a softmax over the present modalities. Weights
+    are renormalised over what is present, so a sample with one modality gets that modality's output
+    unchanged; a sample with none gets zeros.
     """
 
-    def __init__(self, modalities: tuple[str, ...], tasks: list[str], weights: str = "mean"):
+    def __init__(self, modalities: tuple[str, ...], tasks: list[str], weights: str | dict[str, float] = "mean"):
         super().__init__()
-        if weights not in ("mean", "learned"):
-            raise ConfigError(f"model.fusion.late_weights must be 'mean' or 'learned', got {weights!r}")
         self.modalities = modalities
         self.tasks = list(tasks)
-        self.logits = nn.Parameter(torch.zeros(len(tasks), len(modalities))) if weights == "learned" else None
+        self.logits = None
+        fixed = torch.ones(len(modalities))
+        if isinstance(weights, dict):
+            unknown = sorted(set(weights) - set(modalities))
+            if unknown or any(not isinstance(v, (int, float)) or v <= 0 for v in weights.values()):
+                raise ConfigError(f"model.fusion.late_weights {weights!r}: give a positive weight per modality of "
+                                  f"{list(modalities)}")
+            fixed = torch.tensor([float(weights.get(m, 1.0)) for m in modalities])
+        elif weights == "learned":
+            self.logits = nn.Parameter(torch.zeros(len(tasks), len(modalities)))
+        elif weights != "mean":
+            raise ConfigError(f"model.fusion.late_weights must be 'mean', 'learned' or a mapping such as "
+                              f"{{audio: 0.5}}, got {weights!r}")
+        self.register_buffer("fixed", fixed, persistent=False)  # (M,)
 
     def forward(self, outputs: dict[str, dict[str, torch.Tensor]],
                 masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -176,7 +190,8 @@ class LateFusion(nn.Module):
             y = torch.stack([outputs[m][task] for m in self.modalities], dim=1)  # (B, M, C)
             y = torch.where(mask[..., None], y, torch.zeros((), dtype=y.dtype, device=y.device))
             if self.logits is None:
-                w = mask.to(y.dtype) / mask.sum(1, keepdim=True).clamp_min(1).to(y.dtype)  # (B, M)
+                w = mask.to(y.dtype) * self.fixed.to(y.dtype)  # (B, M)
+                w = w / w.sum(1, keepdim=True).clamp_min(1e-12)
             else:
                 w = masked_softmax(self.logits[t].to(y.dtype).expand_as(mask), mask, dim=1)  # (B, M)
             combined[task] = (w.unsqueeze(-1) * y).sum(1)  # (B, C)

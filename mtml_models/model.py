@@ -53,7 +53,7 @@ class FusionConfig:
     out_dim: int | None = None  # tensor: output width (default embed_dim)
     heads: int = 4  # transformer
     layers: int = 1  # transformer
-    late_weights: str = "mean"  # late: "mean" over present modalities or "learned"
+    late_weights: str | dict[str, float] = "mean"  # late: "mean", "learned", or fixed {modality: weight}
 
 
 @dataclass(frozen=True)
@@ -210,6 +210,17 @@ class MultiTaskModel(nn.Module):
         if any(layer is None for layer in layers):
             return list(self.shared_parameters())
         return [p for layer in layers for p in layer.parameters()]
+
+    def branch_parameters(self) -> list[list[nn.Parameter]]:
+        """Late fusion: each modality's encoder, trunk and heads, then whatever is left (the fusion's
+        weights); otherwise one group of every parameter. Independent branches are clipped apart."""
+        if not self.late:
+            return [list(self.parameters())]
+        groups = [[*self.encoders[m].parameters(), *self.trunks[m].parameters(), *self.heads[m].parameters()]
+                  for m in self.cfg.modalities]
+        seen = {id(p) for g in groups for p in g}
+        rest = [p for p in self.parameters() if id(p) not in seen]
+        return groups + ([rest] if rest else [])
 
     def task_parameters(self, task: str) -> list[nn.Parameter]:
         """Parameters of ``task``'s head(s)."""

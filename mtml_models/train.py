@@ -235,6 +235,9 @@ def train(cfg: TrainConfig, data: str, out: str | Path, *, resume: bool = False,
     if cfg.fused_loss == 0 and model.cfg.fusion.late_weights == "learned":
         raise ConfigError("fused_loss=0 leaves late_weights: learned without a gradient; use late_weights: mean")
     end = cfg.optim.epochs if stop_after is None else min(cfg.optim.epochs, start + stop_after)
+    # Branches that learn apart (fused_loss 0) are clipped apart, as each would be if trained alone.
+    clip_groups = [] if cfg.optim.grad_clip <= 0 else (
+        model.branch_parameters() if cfg.fused_loss == 0 else [list(model.parameters())])
     for epoch in range(start, end):
         train_loader.set_epoch(epoch)
         dropout_seed, augment_seed = _seeds(cfg.seed, epoch, rank)
@@ -253,8 +256,8 @@ def train(cfg: TrainConfig, data: str, out: str | Path, *, resume: bool = False,
             losses = step_losses(outputs, batch, session.tasks, model.target_stats, fused=cfg.fused_loss, aux=aux)
             opt.zero_grad(set_to_none=True)
             loss = weighting.backward(losses, shared)
-            if cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            for group in clip_groups:
+                torch.nn.utils.clip_grad_norm_(group, cfg.optim.grad_clip)
             opt.step()
             sched.step()
             seen += len(batch)

@@ -346,3 +346,30 @@ def test_fused_loss_config_errors():
         TrainConfig.from_dict({"fused_loss": 0, "aux_loss": 0})
     with pytest.raises(ConfigError, match="fused_loss"):
         TrainConfig.from_dict({"fused_loss": -1})
+
+
+def test_late_branch_parameters_partition_the_model():
+    late = MultiTaskModel(TASKS, make_cfg({"name": "late", "late_weights": "learned"}, modalities=("image", "audio")))
+    groups = late.branch_parameters()
+    ids = [id(p) for g in groups for p in g]
+    assert len(groups) == 3 and len(ids) == len(set(ids)) == len(list(late.parameters()))
+    assert {id(p) for p in late.encoders["audio"].parameters()} <= {id(p) for p in groups[1]}
+    concat = MultiTaskModel(TASKS, make_cfg("concat"))
+    assert [len(g) for g in concat.branch_parameters()] == [len(list(concat.parameters()))]
+
+
+def test_late_fusion_fixed_weights_renormalise_over_present_modalities():
+    from mtml_models.fusion import LateFusion
+
+    fuse = LateFusion(("image", "audio"), ["digit"], weights={"audio": 0.5})
+    outputs = {"image": {"digit": torch.tensor([[3.0, 0.0]] * 3)}, "audio": {"digit": torch.tensor([[0.0, 6.0]] * 3)}}
+    masks = {"image": torch.tensor([True, True, False]), "audio": torch.tensor([True, False, True])}
+    out = fuse(outputs, masks)["digit"]
+    assert torch.allclose(out[0], torch.tensor([2.0, 2.0]))  # (1 * image + 0.5 * audio) / 1.5
+    assert torch.allclose(out[1], torch.tensor([3.0, 0.0])) and torch.allclose(out[2], torch.tensor([0.0, 6.0]))
+    with pytest.raises(ConfigError, match="late_weights"):
+        LateFusion(("image", "audio"), ["digit"], weights={"text": 2.0})
+    with pytest.raises(ConfigError, match="late_weights"):
+        LateFusion(("image", "audio"), ["digit"], weights={"audio": 0})
+    cfg = make_cfg({"name": "late", "late_weights": {"audio": 0.5}}, modalities=("image", "audio"))
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
