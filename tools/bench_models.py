@@ -23,17 +23,23 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 SPEAKERS = ("george", "jackson", "lucas", "nicolas", "yweweler")
 
-# variant -> --set overrides on configs/avmnist.yaml. "recipe" is the shipped config unchanged.
+# variant -> --set overrides on configs/avmnist.yaml. "recipe" is the shipped config unchanged: late
+# fusion whose branches train apart, audio weighted half. JOINT trains the fused output instead (equal
+# weights); DROP adds modality dropout.
+JOINT = ["fused_loss=1", "aux_loss=0", "model.fusion.late_weights=mean"]
+DROP = ["augment.mix.modality_dropout=0.3"]
 VARIANTS: dict[str, list[str]] = {
     "recipe": [],
-    "recipe+aux2": ["aux_loss=2"],
-    "image-only": ["model.modalities=[image]", "augment.mix.modality_dropout=0", "aux_loss=0"],
-    "audio-only": ["model.modalities=[audio]", "augment.mix.modality_dropout=0", "aux_loss=0"],
-    "late": ["augment.mix.modality_dropout=0", "aux_loss=0"],
-    "concat+drop": ["model.fusion.name=concat", "aux_loss=0"],
-    "concat": ["model.fusion.name=concat", "augment.mix.modality_dropout=0", "aux_loss=0"],
-    "attention+drop": ["model.fusion.name=attention", "aux_loss=0"],
-    "attention": ["model.fusion.name=attention", "augment.mix.modality_dropout=0", "aux_loss=0"],
+    "recipe-equal": ["model.fusion.late_weights=mean"],
+    "image-only": ["model.modalities=[image]", *JOINT],
+    "audio-only": ["model.modalities=[audio]", *JOINT],
+    "late": [*JOINT],
+    "late+drop": [*JOINT, *DROP],
+    "late+drop+aux2": [*JOINT, *DROP, "aux_loss=2"],
+    "concat": ["model.fusion.name=concat", *JOINT],
+    "concat+drop": ["model.fusion.name=concat", *JOINT, *DROP],
+    "attention": ["model.fusion.name=attention", *JOINT],
+    "attention+drop": ["model.fusion.name=attention", *JOINT, *DROP],
 }
 
 
