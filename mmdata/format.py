@@ -20,7 +20,8 @@ TEXT_EXT = "txt"
 META_EXT = "json"
 MEMBER_ORDER = ("jpg", "png", "webp", "flac", "wav", "txt", "json")
 BLOCK = 512
-MAX_KEY = 80  # + a collision suffix + ".flac" stays within a ustar name's 100 bytes
+MAX_KEY = 95  # KEY + ".flac" (the longest extension) fills a ustar name's 100 bytes
+HASHED_KEY = 71  # characters kept of an id that is cut or changed, before "_" + 8 hex digits
 
 
 def shard_name(split: str, index: int) -> str:
@@ -40,15 +41,12 @@ def modality_of(ext: str) -> str | None:
 
 
 def make_key(source_id: str) -> str:
-    """Derive a tar key from a source id: invalid characters become '_', plus a hash when anything changed.
-
-    Ids longer than ``MAX_KEY - 9`` characters are cut and hashed, so that ``KEY.ext`` fits a ustar name
-    even with a collision suffix (``assign_keys``).
-    """
-    key = re.sub(r"[^A-Za-z0-9_-]", "_", source_id)[:MAX_KEY - 9]
-    if key != source_id or not key:
-        key = f"{key}_{hashlib.sha1(source_id.encode()).hexdigest()[:8]}"
-    return key
+    """Derive a tar key from a source id: a valid id of at most ``MAX_KEY`` characters is kept; otherwise
+    invalid characters become '_', the id is cut to ``HASHED_KEY`` characters and its hash appended."""
+    if KEY_RE.match(source_id) and len(source_id) <= MAX_KEY:
+        return source_id
+    key = re.sub(r"[^A-Za-z0-9_-]", "_", source_id)[:HASHED_KEY]
+    return f"{key}_{hashlib.sha1(source_id.encode()).hexdigest()[:8]}"
 
 
 def split_member_name(name: str) -> tuple[str, str]:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .batch import Batch
-from .errors import DecodeError, SchemaError
+from .errors import ConfigError, DecodeError, SchemaError
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,12 @@ def decode_images(batch: Batch, device: torch.device | str, on_error: str = "rai
     ``image`` row. Images are resized to ``batch.image_size`` (else the size of ``batch.image``, else the
     common size of the decoded images). A batch without bytes is returned unchanged. A JPEG that does
     not decode raises DecodeError naming the sample, or with ``on_error="skip"`` (the loader's setting)
-    becomes an absent image: zeros, ``image_mask`` False, and a warning with its key.
+    becomes an absent image: zeros, ``image_mask`` False, and a warning with its key. (A worker that
+    decodes on the CPU drops such a sample; here the batch is already formed, so the sample stays
+    with its other modalities, as a sample whose image is missing does.)
     """
+    if on_error not in ("raise", "skip"):
+        raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     if batch.image_bytes is None:
         return batch
     if batch.image_offsets is None:
@@ -76,7 +80,8 @@ def decode_images(batch: Batch, device: torch.device | str, on_error: str = "rai
     image_mask = batch.image_mask
     if any(d is None for d in decoded):
         failed = [rows[j] for j, d in enumerate(decoded) if d is None]
-        image_mask = (image_mask.clone() if image_mask is not None else torch.ones(B, dtype=torch.bool))
+        image_mask = (image_mask.clone() if image_mask is not None
+                      else torch.ones(B, dtype=torch.bool, device=device))
         image_mask[failed] = False
         rows, decoded = [r for r, d in zip(rows, decoded) if d is not None], [d for d in decoded if d is not None]
 

@@ -88,6 +88,14 @@ class TrainConfig:
                               "the late-fusion branches independently")
         if self.data.decode_images_on not in ("cpu", "device"):
             raise ConfigError(f"data.decode_images_on must be 'cpu' or 'device', got {self.data.decode_images_on!r}")
+        fusion = self.model.get("fusion") or {}
+        fusion = {"name": fusion} if isinstance(fusion, str) else fusion
+        if (self.aux_loss or self.fused_loss != 1) and fusion.get("name", "concat") != "late":
+            raise ConfigError(f"aux_loss={self.aux_loss} / fused_loss={self.fused_loss} need late fusion "
+                              "(model.fusion.name: late); set aux_loss: 0 and fused_loss: 1")
+        if self.fused_loss == 0 and fusion.get("late_weights") == "learned":
+            raise ConfigError("fused_loss=0 leaves late_weights: learned without a gradient; use 'mean' or fixed "
+                              "weights such as {audio: 0.5}")
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))

@@ -8,6 +8,7 @@ task outputs instead.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -170,7 +171,8 @@ class LateFusion(nn.Module):
         fixed = torch.ones(len(modalities))
         if isinstance(weights, dict):
             unknown = sorted(set(weights) - set(modalities))
-            if unknown or any(not isinstance(v, (int, float)) or v <= 0 for v in weights.values()):
+            if unknown or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                  and v > 0 for v in weights.values()):
                 raise ConfigError(f"model.fusion.late_weights {weights!r}: give a positive weight per modality of "
                                   f"{list(modalities)}")
             fixed = torch.tensor([float(weights.get(m, 1.0)) for m in modalities])

@@ -175,6 +175,7 @@ def train(cfg: TrainConfig, data: str, out: str | Path, *, resume: bool = False,
     from .metrics import selection_score
     from .weighting import make_weighting
 
+    cfg.validate()  # a config built in code gets the same checks as one read from YAML, before any output
     dev = pick_device(device)
     rank, world = _distributed(dev)
     if dev.type == "cuda":
@@ -230,10 +231,6 @@ def train(cfg: TrainConfig, data: str, out: str | Path, *, resume: bool = False,
     meta_base = {"config": cfg.to_dict(), "card_digest": card_digest(ds), "data": str(data),
                  "tasks": [t.to_dict() for t in session.tasks]}
     aux = cfg.aux_loss
-    if aux and not model.late:
-        raise ConfigError(f"aux_loss={aux} needs late fusion (model.fusion.name: late); set aux_loss: 0")
-    if cfg.fused_loss == 0 and model.cfg.fusion.late_weights == "learned":
-        raise ConfigError("fused_loss=0 leaves late_weights: learned without a gradient; use late_weights: mean")
     end = cfg.optim.epochs if stop_after is None else min(cfg.optim.epochs, start + stop_after)
     # Branches that learn apart (fused_loss 0) are clipped apart, as each would be if trained alone.
     clip_groups = [] if cfg.optim.grad_clip <= 0 else (
@@ -340,9 +337,13 @@ def step_losses(outputs, batch, tasks, target_stats, *, fused: float = 1.0, aux:
     parts = None
     if aux:
         outputs, parts = outputs
-    losses = task_losses({k: v.float() for k, v in outputs.items()}, batch, tasks, target_stats=target_stats)
-    if fused != 1.0:
-        losses = {task: fused * value for task, value in losses.items()}
+    if fused == 0:  # not even computed: nothing from the fused output reaches a gradient
+        zero = next(iter(outputs.values())).new_zeros((), dtype=torch.float32)
+        losses = {task: zero for task in tasks.names}
+    else:
+        losses = task_losses({k: v.float() for k, v in outputs.items()}, batch, tasks, target_stats=target_stats)
+        if fused != 1.0:
+            losses = {task: fused * value for task, value in losses.items()}
     if parts is not None:
         _add_aux_losses(losses, parts, batch, tasks, target_stats, aux)
     return losses

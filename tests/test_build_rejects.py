@@ -159,11 +159,24 @@ def _png_variants() -> dict[str, bytes]:
     out["short pixels"] = good[:idat] + chunk(b"IDAT", zlib.compress(pixels[:-5])) + good[idat + 12 + length:]
     out["no IEND"] = good[:-12]
     out["not a png"] = b"GIF89a" + good[6:]
+    head, tail = good[:idat], good[idat + 12 + length:]  # signature + IHDR; IEND
+    stream = good[idat + 8:idat + 8 + length]
+    half = len(stream) // 2
+    out["two IDATs"] = head + chunk(b"IDAT", stream[:half]) + chunk(b"IDAT", stream[half:]) + tail
+    out["IDAT split by tIME"] = (head + chunk(b"IDAT", stream[:half]) + chunk(b"tIME", b"\x07\xea\x01\x01\0\0\0")
+                                 + chunk(b"IDAT", stream[half:]) + tail)
+    out["IDAT before IHDR"] = good[:8] + good[idat:idat + 12 + length] + good[8:idat] + tail
+    out["empty gAMA"] = head + chunk(b"gAMA", b"") + good[idat:]
+    out["short pHYs"] = head + chunk(b"pHYs", b"\0\0") + good[idat:]
     return out
 
 
-@pytest.mark.parametrize("name", ["L", "RGB", "RGBA", "LA", "1", "I;16", "interlaced", "palette", "truncated",
-                                  "bad crc", "bad filter byte", "short pixels", "no IEND", "not a png"])
+BROKEN_PNGS = ["truncated", "bad crc", "bad filter byte", "short pixels", "no IEND", "not a png",
+               "IDAT split by tIME", "IDAT before IHDR", "empty gAMA", "short pHYs"]
+
+
+@pytest.mark.parametrize("name", ["L", "RGB", "RGBA", "LA", "1", "I;16", "two IDATs", "interlaced", "palette",
+                                  *BROKEN_PNGS])
 def test_fast_png_check_agrees_with_pillow(name):
     """The fast path accepts only what Pillow decodes, with the same size, and takes the common cases."""
     import io
@@ -173,7 +186,7 @@ def test_fast_png_check_agrees_with_pillow(name):
     from mmdata.build.media import plain_png_size
 
     data = _png_variants()[name]
-    fast = plain_png_size(data)
+    fast = plain_png_size(data, max_pixels=10**8)
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
@@ -182,7 +195,40 @@ def test_fast_png_check_agrees_with_pillow(name):
         pillow = None
     if fast is not None:
         assert fast == pillow
-    if name in ("L", "RGB", "RGBA", "LA", "1", "I;16"):
+    if name in ("L", "RGB", "RGBA", "LA", "1", "I;16", "two IDATs"):
         assert fast is not None  # the common case never falls back to Pillow
-    if name in ("truncated", "bad crc", "bad filter byte", "short pixels", "no IEND", "not a png"):
+    if name in BROKEN_PNGS:
         assert fast is None
+
+
+def test_fast_png_check_never_inflates_what_it_would_refuse():
+    """Over max_pixels it stops at the header; within, it inflates in bounded steps, never the whole image."""
+    import tracemalloc
+
+    from mmdata.build.media import plain_png_size
+
+    side = 4096
+    row = b"\0" + b"\0" * side
+    data = b"\x89PNG\r\n\x1a\n"
+    for kind, body in [(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)),
+                       (b"IDAT", zlib.compress(row * side, 9)), (b"IEND", b"")]:
+        data += struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    assert len(data) < 100_000  # 16 MB of pixels in a small file
+    assert plain_png_size(data, max_pixels=side * side - 1) is None
+    tracemalloc.start()
+    assert plain_png_size(data, max_pixels=side * side) == (side, side)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 4 * 2**20
+
+
+def test_colliding_long_ids_get_keys_that_fit(tmp_path):
+    """An id equal to another id's derived key forces the collision suffix; the key still fits a tar name."""
+    from mmdata.build.align import Record, assign_keys
+    from mmdata.format import MAX_KEY, make_key
+
+    spaced = "y" * 80 + " z"
+    records = [Record(spaced, {}, {}), Record(make_key(spaced), {}, {}), Record("w" * MAX_KEY, {}, {})]
+    assign_keys(records)
+    keys = [r.key for r in records]
+    assert len(set(keys)) == 3 and all(KEY_RE.match(k) and len(k) <= MAX_KEY for k in keys)

@@ -346,6 +346,11 @@ def test_fused_loss_config_errors():
         TrainConfig.from_dict({"fused_loss": 0, "aux_loss": 0})
     with pytest.raises(ConfigError, match="fused_loss"):
         TrainConfig.from_dict({"fused_loss": -1})
+    with pytest.raises(ConfigError, match="late fusion"):
+        TrainConfig.from_dict({"aux_loss": 1, "model": {"fusion": "concat"}})
+    with pytest.raises(ConfigError, match="without a gradient"):
+        TrainConfig.from_dict({"fused_loss": 0, "aux_loss": 1,
+                               "model": {"fusion": {"name": "late", "late_weights": "learned"}}})
 
 
 def test_late_branch_parameters_partition_the_model():
@@ -369,7 +374,8 @@ def test_late_fusion_fixed_weights_renormalise_over_present_modalities():
     assert torch.allclose(out[1], torch.tensor([3.0, 0.0])) and torch.allclose(out[2], torch.tensor([0.0, 6.0]))
     with pytest.raises(ConfigError, match="late_weights"):
         LateFusion(("image", "audio"), ["digit"], weights={"text": 2.0})
-    with pytest.raises(ConfigError, match="late_weights"):
-        LateFusion(("image", "audio"), ["digit"], weights={"audio": 0})
+    for bad in (0, float("nan"), float("inf"), True, "0.5"):
+        with pytest.raises(ConfigError, match="late_weights"):
+            LateFusion(("image", "audio"), ["digit"], weights={"audio": bad})
     cfg = make_cfg({"name": "late", "late_weights": {"audio": 0.5}}, modalities=("image", "audio"))
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg

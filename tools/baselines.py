@@ -1,4 +1,4 @@
-"""Logistic-regression baselines for avmnist digit accuracy, leave-one-speaker-out.
+"""Logistic-regression baselines for avmnist digit (and parity, read off the digit) accuracy, leave-one-speaker-out.
 
 Features: raw pixels (image); 40-band log-mel at 24 interpolated frames plus per-band mean and std
 (audio); both concatenated (fusion). Reads the raw manifest, not shards, so it shares no code path
@@ -74,6 +74,8 @@ def main() -> None:
             x = data[feats]
             pred = fit_predict(x[~test], data["digit"][~test], x[test])
             table[spk][feats] = float((pred == data["digit"][test]).mean())
+            # parity read off the predicted digit (pixels are not linearly separable by parity itself)
+            table[spk][f"{feats}_parity"] = float((pred % 2 == data["digit"][test] % 2).mean())
         print(f"{spk:9s} " + "  ".join(f"{k} {v:.3f}" for k, v in table[spk].items()), flush=True)
     for feats in ("image", "audio", "fusion"):
         v = np.array([table[s][feats] for s in SPEAKERS])

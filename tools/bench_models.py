@@ -78,7 +78,8 @@ def table(work: Path) -> str:
         base = json.loads(baselines.read_text())
         for feats in ("image", "audio", "fusion"):
             accs = [base[s][feats] for s in SPEAKERS if s in base]
-            rows.append((f"linear {feats}", "", accs, {s: base[s][feats] for s in SPEAKERS if s in base}))
+            parity = [base[s][f"{feats}_parity"] for s in SPEAKERS if f"{feats}_parity" in base.get(s, {})]
+            rows.append((f"linear {feats}", "", accs, {s: base[s][feats] for s in SPEAKERS if s in base}, parity))
     for variant in VARIANTS:
         results = {s: json.loads(p.read_text()) for s in SPEAKERS
                    if (p := work / "results" / f"{variant}-{s}.json").is_file()}
@@ -87,14 +88,17 @@ def table(work: Path) -> str:
         for dropped in ("none", "audio", "image"):
             key = f"drop-{dropped}"
             per = {s: r[key]["digit"] for s, r in results.items() if key in r}
+            parity = [r[key]["parity"] for r in results.values() if key in r and "parity" in r[key]]
             if per:
-                rows.append((variant, "" if dropped == "none" else f"{dropped} dropped", list(per.values()), per))
-    lines = ["| model | input | mean | std | min | " + " | ".join(SPEAKERS) + " |",
-             "|---|---|---|---|---|" + "---|" * len(SPEAKERS)]
-    for name, inp, accs, per in rows:
+                rows.append((variant, "" if dropped == "none" else f"{dropped} dropped", list(per.values()), per,
+                             parity))
+    lines = ["| model | input | digit mean | std | min | " + " | ".join(SPEAKERS) + " | parity mean |",
+             "|---|---|---|---|---|" + "---|" * (len(SPEAKERS) + 1)]
+    for name, inp, accs, per, parity in rows:
         sd = statistics.pstdev(accs) if len(accs) > 1 else 0.0
         cells = " | ".join(f"{per[s]:.3f}" if s in per else "–" for s in SPEAKERS)
-        lines.append(f"| {name} | {inp} | {statistics.mean(accs):.3f} | {sd:.3f} | {min(accs):.3f} | {cells} |")
+        par = f"{statistics.mean(parity):.3f}" if parity else "–"
+        lines.append(f"| {name} | {inp} | {statistics.mean(accs):.3f} | {sd:.3f} | {min(accs):.3f} | {cells} | {par} |")
     return "\n".join(lines)
 
 

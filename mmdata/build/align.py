@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..format import make_key
+from ..format import HASHED_KEY, make_key
 from ..tasks import BadLabel, Task, infer_task
 from .config import BuildConfig
 from .discover import MediaRef, RawRecord, modality_of_ext
@@ -203,8 +203,8 @@ def assign_keys(records: list[Record]) -> None:
     used: set[str] = set()
     for rec in sorted(records, key=lambda r: r.source_id):
         key = make_key(rec.source_id)
-        if key in used:
-            key = f"{key}_{hashlib.sha1(rec.source_id.encode()).hexdigest()[:8]}"
+        if key in used:  # cut so that the suffixes below still fit MAX_KEY
+            key = f"{key[:HASHED_KEY]}_{hashlib.sha1(rec.source_id.encode()).hexdigest()[:8]}"
         n = 1
         base = key
         while key in used:

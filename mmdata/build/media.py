@@ -102,8 +102,8 @@ def encode_image(data: bytes, s: MediaSettings) -> tuple[str, bytes, tuple[int, 
     from PIL import Image
 
     if s.image_format in ("keep", "png"):
-        size = plain_png_size(data)
-        if size and size[0] * size[1] <= s.max_pixels and (s.max_side is None or max(size) <= s.max_side):
+        size = plain_png_size(data, s.max_pixels)
+        if size and (s.max_side is None or max(size) <= s.max_side):
             return "png", data, size
     try:
         with Image.open(io.BytesIO(data)) as im:
@@ -133,52 +133,74 @@ def encode_image(data: bytes, s: MediaSettings) -> tuple[str, bytes, tuple[int, 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # (colour type, bit depths) -> channels, for the PNGs the fast path checks itself (no palette: Pillow does those)
 PNG_KINDS = {0: ((1, 2, 4, 8, 16), 1), 2: ((8, 16), 3), 4: ((8, 16), 2), 6: ((8, 16), 4)}
-PNG_PLAIN_CHUNKS = {b"IHDR", b"IDAT", b"IEND", b"gAMA", b"sRGB", b"pHYs", b"tIME", b"cHRM", b"tEXt"}
+# Chunks the fast path accepts, with their exact length (None: any). Anything else goes to Pillow.
+PNG_PLAIN_CHUNKS = {b"IHDR": 13, b"IDAT": None, b"IEND": 0, b"gAMA": 4, b"sRGB": 1, b"pHYs": 9, b"cHRM": 32,
+                    b"tIME": 7}
+INFLATE_STEP = 1 << 20  # pixels are inflated this many bytes at a time, checked and dropped
 
 
-def plain_png_size(data: bytes) -> tuple[int, int] | None:
+def plain_png_size(data: bytes, max_pixels: int) -> tuple[int, int] | None:
     """(width, height) of a complete, intact, non-interlaced, non-palette PNG, else None (ask Pillow).
 
-    Checks what decoding would: every chunk's CRC, the IHDR fields, and that the image data inflates
-    to exactly one filter byte (0-4) plus the pixel bytes per row. Anything unusual returns None,
-    so Pillow, slower but complete, has the last word; this only spares it the common case.
+    Checks what decoding would: IHDR first, the IDAT chunks in one run, every chunk's CRC and length,
+    and that the image data inflates to exactly one filter byte (0-4) plus the pixel bytes per row,
+    in bounded steps (memory stays small whatever the file claims). An image over ``max_pixels``
+    is not inflated at all. Anything unusual returns None, so Pillow, slower but complete, has the
+    last word; this only spares it the common case.
     """
     if data[:8] != PNG_SIGNATURE:
         return None
-    view, pos, header, idat = memoryview(data), 8, None, []
+    view, pos, header, idat, after_idat = memoryview(data), 8, None, [], False
     while True:
         if pos + 12 > len(data):
             return None
         length, kind = struct.unpack_from(">I4s", data, pos)
         end = pos + 12 + length
-        if end > len(data) or kind not in PNG_PLAIN_CHUNKS:
+        expected = PNG_PLAIN_CHUNKS.get(kind, -1)
+        if end > len(data) or expected == -1 or (expected is not None and length != expected):
+            return None
+        if (header is None) != (kind == b"IHDR"):  # IHDR first, and only once
             return None
         if zlib.crc32(view[pos + 4:end - 4]) != int.from_bytes(view[end - 4:end], "big"):
             return None
         if kind == b"IHDR":
-            if header is not None or length != 13:
-                return None
             header = struct.unpack_from(">IIBBBBB", data, pos + 8)
         elif kind == b"IDAT":
+            if after_idat:
+                return None  # image data split by another chunk
             idat.append(view[pos + 8:end - 4])
         elif kind == b"IEND":
             break
+        after_idat = after_idat or (bool(idat) and kind != b"IDAT")
         pos = end
-    if header is None or not idat:
+    if not idat:
         return None
     w, h, depth, colour, compression, filtering, interlace = header
     depths, channels = PNG_KINDS.get(colour, ((), 0))
-    if depth not in depths or compression or filtering or interlace or not 0 < w * h <= 1 << 26:
+    if depth not in depths or compression or filtering or interlace or not 0 < w * h <= max_pixels:
         return None
     stride = 1 + (w * channels * depth + 7) // 8
-    inflate = zlib.decompressobj()
+    return (w, h) if _inflates_to(b"".join(idat), stride, h) else None
+
+
+def _inflates_to(compressed: bytes, stride: int, rows: int) -> bool:
+    """Whether a zlib stream inflates to exactly ``rows`` rows of ``stride`` bytes, each led by a filter 0-4."""
+    inflate, done, rest = zlib.decompressobj(), 0, compressed
     try:
-        raw = inflate.decompress(b"".join(idat), stride * h + 1)
+        while not inflate.eof:
+            chunk = inflate.decompress(rest, INFLATE_STEP)
+            rest = inflate.unconsumed_tail
+            if not chunk and not rest:
+                return False  # the stream ends early
+            filters = chunk[(-done) % stride::stride]
+            if filters and max(filters) > 4:
+                return False
+            done += len(chunk)
+            if done > stride * rows:
+                return False
     except zlib.error:
-        return None
-    if len(raw) != stride * h or not inflate.eof or max(raw[::stride]) > 4:
-        return None
-    return w, h
+        return False
+    return done == stride * rows
 
 
 def _save(im, fmt: str, quality: int) -> bytes:
