@@ -232,3 +232,18 @@ def test_colliding_long_ids_get_keys_that_fit(tmp_path):
     assign_keys(records)
     keys = [r.key for r in records]
     assert len(set(keys)) == 3 and all(KEY_RE.match(k) and len(k) <= MAX_KEY for k in keys)
+
+
+@pytest.mark.parametrize("fmt", ["wav", "flac"])
+@pytest.mark.parametrize("rate", [8000, 22050, 48000])
+def test_native_rate_read_from_the_header(fmt, rate):
+    """The rate probe reads WAV and FLAC headers itself and agrees with libsndfile."""
+    import io
+
+    import soundfile as sf
+
+    from mmdata.build.align import _probe_rate
+    from mmdata.build.discover import MediaRef
+
+    data = audio_bytes(1, fmt, rate)
+    assert _probe_rate(MediaRef(fmt, data=data)) == sf.info(io.BytesIO(data)).samplerate == rate

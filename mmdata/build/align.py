@@ -183,10 +183,14 @@ def _probe_rate(ref: MediaRef) -> int | None:
     """Native sample rate from the audio header, or None when soundfile cannot read it."""
     import soundfile as sf
 
-    if ref.ext == "wav":  # a RIFF header is 12 + 24 bytes away: no need for libsndfile
+    if ref.ext in ("wav", "flac"):  # the rate sits in the first bytes: no need for libsndfile
         head = ref.data[:64] if ref.data is not None else _head(ref.path)
         if head[:4] == b"RIFF" and head[8:12] == b"WAVE" and head[12:16] == b"fmt ":
             return int.from_bytes(head[24:28], "little")
+        if head[:4] == b"fLaC" and head[4] & 0x7F == 0 and len(head) >= 21:  # STREAMINFO first, 20-bit rate
+            rate = (head[18] << 12) | (head[19] << 4) | (head[20] >> 4)
+            if rate:
+                return rate
     try:
         return int(sf.info(io.BytesIO(ref.data) if ref.data is not None else ref.path).samplerate)
     except Exception:  # noqa: BLE001 - any failure is the encoder's to report as a reject
