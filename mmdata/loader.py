@@ -31,7 +31,7 @@ from .collate import collate
 from .dataset import Dataset
 from .decode import Decoder, DecodeSpec
 from .errors import ConfigError, MmdataError
-from .order import PlanConfig, World, batches_per_rank, emission_order, slot_samples, worker_batches
+from .order import PlanConfig, World, batches_per_rank, slot_plan
 from .reader import ShardReader, read_stream
 
 log = logging.getLogger(__name__)
@@ -106,9 +106,7 @@ class BatchStream(torch.utils.data.IterableDataset):
 
     def _batches(self, world: World, reader: ShardReader):
         idx, cfg = reader.index, self.cfg
-        stream = slot_samples(idx.shard_sizes, self.epoch, world, cfg)  # (n,) sample numbers, read order
-        emit = emission_order(len(stream), self.epoch, world, cfg)  # (n,) positions into stream
-        sizes = worker_batches(world, len(idx), cfg)
+        stream, emit, sizes = slot_plan(idx.shard_sizes, self.epoch, world, cfg)  # as order.plan yields them
         W = world.workers_per_rank
         done = max(0, -(-(self.start - world.worker) // W))  # this worker's batches already yielded
         emit = emit[sum(sizes[:done]):]

@@ -162,10 +162,20 @@ def worker_generator(seed: int, epoch: int, world: World) -> np.random.Generator
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch, world.rank, world.worker])))
 
 
+def slot_plan(shard_sizes: list[int] | np.ndarray, epoch: int, world: World,
+              cfg: PlanConfig) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """This slot's epoch as the loader reads it: (stream, emit, sizes).
+
+    ``stream`` (n,) sample numbers in read order; ``emit`` (n,) positions into ``stream`` in yield
+    order; ``sizes`` the batch sizes that cut ``emit`` into this worker's batches.
+    """
+    stream = slot_samples(shard_sizes, epoch, world, cfg)
+    return stream, emission_order(len(stream), epoch, world, cfg), worker_batches(world, int(np.sum(shard_sizes)), cfg)
+
+
 def plan(shard_sizes: list[int] | np.ndarray, epoch: int, world: World, cfg: PlanConfig) -> list[np.ndarray]:
     """This slot's batches for the epoch: a list of (b,) int64 arrays of sample numbers, in yield order."""
-    stream = slot_samples(shard_sizes, epoch, world, cfg)
-    emitted = stream[emission_order(len(stream), epoch, world, cfg)]
-    sizes = worker_batches(world, int(np.sum(shard_sizes)), cfg)
+    stream, emit, sizes = slot_plan(shard_sizes, epoch, world, cfg)
+    emitted = stream[emit]
     bounds = np.cumsum([0, *sizes])
     return [emitted[a:b] for a, b in zip(bounds[:-1], bounds[1:])]

@@ -200,6 +200,22 @@ def test_ranks_get_equal_batches_and_cover(tiny, num_workers, drop_last):
         assert set(keys) == {f"s{i:04d}" for i in range(23)} and len(keys) == 24  # one duplicate pads
 
 
+def test_loader_yields_what_the_pure_plan_says(tiny):
+    """order.plan, which the order tests check exhaustively, is exactly what a rank's loader yields."""
+    from mmdata.order import PlanConfig, World, plan
+
+    ds = open_dataset(tiny)
+    keys = ds.split_index("train").keys
+    cfg = PlanConfig(batch_size=3, seed=5)
+    for rank in range(2):
+        loader = make_loader(ds, "train", batch_size=3, rank=rank, world_size=2, seed=5, modalities=["text"],
+                             tasks=[])
+        loader.set_epoch(1)
+        expected = [[str(keys[i]) for i in batch] for batch in plan(ds.split_index("train").shard_sizes, 1,
+                                                                     World(rank, 2, 0, 0), cfg)]
+        assert epoch_keys(loader) == expected
+
+
 def test_same_seed_and_epoch_same_order_other_epoch_other(tiny):
     def run(epoch, seed=0):
         loader = make_loader(tiny, "train", batch_size=4, seed=seed, modalities=["text"], tasks=[])
