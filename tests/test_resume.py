@@ -33,6 +33,7 @@ def same(a, b) -> bool:
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")  # 3 workers on 2 cores, on purpose
 @pytest.mark.parametrize("num_workers", [0, 1, 3])
 def test_resume_mid_epoch_and_across_the_boundary(ds, num_workers):
     full = run(make_loader(ds, "train", num_workers=num_workers, **KW))
