@@ -11,6 +11,7 @@ from mmdata.augment import (
     Audio,
     AugmentConfig,
     ColorJitter,
+    FreqWarp,
     GaussianBlur,
     ImageConfig,
     Pipeline,
@@ -383,3 +384,36 @@ def test_no_host_device_sync_inside():
         aug(b, generator=g)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_freq_warp_moves_energy_per_sample_and_keeps_padding():
+    cfg = AudioConfig(warp_p=1.0, warp=0.2)
+    M, F = 40, 12
+    feats = torch.zeros(3, M, F)
+    feats[:, 20, :8] = 1.0  # one band lit over the valid frames
+    x = Audio(feats, torch.tensor([8, 8, 8]))
+    op = FreqWarp(cfg)
+    y = op(x, params={"alpha": torch.tensor([1.0, 1.2, 1 / 1.2])}).values
+    assert torch.equal(y[0], feats[0])  # alpha 1: unchanged
+    peak = y[:, :, 0].argmax(1).tolist()
+    assert peak[1] > 20 > peak[2]  # a shorter vocal tract moves up the mel axis, a longer one down
+    assert (y[:, :, 8:] == 0).all()  # padding frames untouched
+    a = op(x, generator=gen(1), return_params=True)[1]["alpha"]
+    b = op(x, generator=gen(1), return_params=True)[1]["alpha"]
+    assert torch.equal(a, b) and len(set(a.tolist())) == 3  # replayable, one factor per sample
+    assert ((a >= 1 / 1.2 - 1e-6) & (a <= 1.2 + 1e-6)).all()
+    assert torch.equal(op.eval()(x).values, feats)
+    with pytest.raises(ConfigError, match="warp"):
+        AudioConfig(warp=1.5)
+
+
+def test_warp_off_keeps_the_random_stream():
+    """Configs without the warp draw exactly what they drew before it existed."""
+    b = make_batch()
+    off = pipeline(audio={"sample_rate": SR})
+    _, params = off(b, generator=gen(3), return_params=True)
+    assert "warp" not in params["audio"]
+    on = pipeline(audio={"sample_rate": SR, "warp_p": 1.0})
+    _, params_on = on(b, generator=gen(3), return_params=True)
+    assert torch.equal(params_on["audio"]["gain"]["gain_db"], params["audio"]["gain"]["gain_db"])
+    assert not torch.equal(params_on["audio"]["specaug"]["time_start"], params["audio"]["specaug"]["time_start"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -136,6 +137,38 @@ class LogMel(Op):
         return Audio(feats * valid, frames)
 
 
+class FreqWarp(Op):
+    """Stretch each sample's mel axis by a random factor (vocal tract length perturbation, Jaitly &
+    Hinton 2013): bin m takes the value at m / alpha, interpolated, the edge bin past the top.
+
+    Works on features (B,M,F); frames, and so padding, are untouched. Params: ``alpha`` (B,), 1 when
+    not applied; alpha > 1 moves energy up the mel axis (a shorter vocal tract), < 1 down.
+    """
+
+    def __init__(self, cfg: AudioConfig):
+        super().__init__()
+        self.p, self.max = cfg.warp_p, cfg.warp
+
+    def make_params(self, x: Audio, generator: torch.Generator | None) -> Params:
+        B, dev = x.values.shape[0], x.values.device
+        if not self.training or self.p == 0:
+            return {"alpha": torch.ones(B, device=dev)}
+        on = bernoulli(generator, (B,), self.p, device=dev)
+        log_alpha = uniform(generator, (B,), -1.0, 1.0, device=dev) * math.log1p(self.max)
+        return {"alpha": torch.where(on, torch.exp(log_alpha), 1.0)}
+
+    def apply(self, x: Audio, params: Params) -> Audio:
+        B, M, F = x.values.shape
+        if M < 2:
+            return x
+        alpha = params["alpha"].to(x.values.device, x.values.dtype).view(B, 1)
+        src = (torch.arange(M, device=x.values.device, dtype=x.values.dtype).view(1, M) / alpha).clamp(0, M - 1)
+        lo = src.floor().long().clamp(max=M - 2)  # (B,M)
+        frac = (src - lo.to(src.dtype)).unsqueeze(2)  # (B,M,1)
+        gather = lambda idx: x.values.gather(1, idx.unsqueeze(2).expand(B, M, F))  # noqa: E731
+        return Audio(gather(lo) * (1 - frac) + gather(lo + 1) * frac, x.lengths)
+
+
 class SpecAugment(Op):
     """Time and frequency masks per sample on features (B,M,F); time masks stay within valid frames.
 
@@ -186,13 +219,15 @@ class SpecAugment(Op):
 class AudioAugment(Op):
     """The audio chain: waveform (B,T) + lengths in samples -> features (B,n_mels,F) + lengths in frames.
 
-    Train: gain, shift, noise, log-mel, SpecAugment. Eval: log-mel only. Params: {op name: params}.
+    Train: gain, shift, noise, log-mel, mel-axis warp (when ``warp_p`` > 0), SpecAugment. Eval: log-mel
+    only. Params: {op name: params}.
     """
 
     def __init__(self, cfg: AudioConfig, sample_rate: int):
         super().__init__()
         self.gain, self.shift, self.noise = Gain(cfg), TimeShift(cfg), Noise(cfg)
         self.features = LogMel(cfg, sample_rate)
+        self.warp = FreqWarp(cfg)
         self.specaug = SpecAugment(cfg)
         self.n_mels = cfg.n_mels
 
@@ -203,6 +238,8 @@ class AudioAugment(Op):
         B, T = x.values.shape
         total = T // self.features.hop + 1
         like = Audio(x.values.new_empty(B, self.n_mels, 0), self.features.frames(x.lengths, total))  # no data
+        if self.warp.p > 0:  # drawn only when on, so configs without it keep their random streams
+            params["warp"] = self.warp.make_params(like, generator)
         params["specaug"] = self.specaug.make_params(like, generator)
         return params
 
@@ -211,6 +248,8 @@ class AudioAugment(Op):
             if name in params:
                 x = getattr(self, name).apply(x, params[name])
         x = self.features.apply(x, {})
+        if "warp" in params:
+            x = self.warp.apply(x, params["warp"])
         if "specaug" in params:
             x = self.specaug.apply(x, params["specaug"])
         return x

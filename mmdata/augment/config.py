@@ -90,6 +90,8 @@ class AudioConfig:
     shift_max: float = 0.1  # largest circular shift within the valid length, as a fraction of it
     noise_p: float = 0.3
     snr_db: tuple[float, float] = (10.0, 40.0)
+    warp_p: float = 0.0  # stretch the mel axis of a sample (vocal tract length perturbation)
+    warp: float = 0.1  # largest stretch: a factor in [1 / (1 + warp), 1 + warp]
     time_masks: int = 2
     time_mask_frames: int = 10  # widest time mask, in frames (never past the valid length)
     freq_masks: int = 2
@@ -104,8 +106,10 @@ class AudioConfig:
             raise ConfigError(f"audio.n_mels must be positive, got {self.n_mels!r}")
         if self.hop_ms <= 0 or self.win_ms < self.hop_ms:
             raise ConfigError(f"audio.win_ms must be >= hop_ms > 0, got win_ms={self.win_ms}, hop_ms={self.hop_ms}")
-        for p in ("gain_p", "shift_p", "noise_p"):
+        for p in ("gain_p", "shift_p", "noise_p", "warp_p"):
             _prob(f"audio.{p}", getattr(self, p))
+        if not 0.0 <= self.warp < 1.0:
+            raise ConfigError(f"audio.warp is a relative stretch in [0, 1), got {self.warp!r}")
         if not 0.0 <= self.shift_max <= 1.0:
             raise ConfigError(f"audio.shift_max is a fraction of the length, in [0, 1]; got {self.shift_max!r}")
         object.__setattr__(self, "gain_db", _range("audio.gain_db", self.gain_db))
