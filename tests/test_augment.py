@@ -348,7 +348,7 @@ def test_crop_flip_compiles():
 @pytest.mark.gpu
 def test_cpu_and_cuda_agree_for_fixed_params():
     aug = pipeline(mix={**MIX, "modality_dropout": 0.3}, text={"mask_p": 0.3, "delete_p": 0.2},
-                   image={"blur_p": 0.5})
+                   image={"blur_p": 0.5}, audio={"warp_p": 0.5})
     b = make_batch(8)
     out_cpu, params = aug(b, generator=gen(11), return_params=True)
     aug_cuda = pickle.loads(pickle.dumps(aug)).cuda()
@@ -374,7 +374,7 @@ def test_cuda_generator_per_sample_and_replay():
 @pytest.mark.gpu
 def test_no_host_device_sync_inside():
     aug = pipeline(mix={**MIX, "modality_dropout": 0.3}, text={"mask_p": 0.3, "delete_p": 0.2},
-                   image={"blur_p": 0.5}).cuda()
+                   image={"blur_p": 0.5}, audio={"warp_p": 0.5}).cuda()
     b = make_batch(8, device="cuda")
     g = gen(0, "cuda")
     aug(b, generator=g)  # warm-up: lazy init may sync once

@@ -28,11 +28,13 @@ SPEAKERS = ("george", "jackson", "lucas", "nicolas", "yweweler")
 # weights); DROP adds modality dropout.
 JOINT = ["fused_loss=1", "aux_loss=0", "model.fusion.late_weights=mean"]
 DROP = ["augment.mix.modality_dropout=0.3"]
+WARP = ["augment.audio.warp_p=0.5", "augment.audio.warp=0.1"]  # vocal tract length perturbation
 VARIANTS: dict[str, list[str]] = {
     "recipe": [],
     "recipe-equal": ["model.fusion.late_weights=mean"],
     "image-only": ["model.modalities=[image]", *JOINT],
     "audio-only": ["model.modalities=[audio]", *JOINT],
+    "audio-only+warp": ["model.modalities=[audio]", *JOINT, *WARP],
     "late": [*JOINT],
     "late+drop": [*JOINT, *DROP],
     "late+drop+aux2": [*JOINT, *DROP, "aux_loss=2"],
