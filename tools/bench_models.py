@@ -35,6 +35,10 @@ VARIANTS: dict[str, list[str]] = {
     "image-only": ["model.modalities=[image]", *JOINT],
     "audio-only": ["model.modalities=[audio]", *JOINT],
     "audio-only+warp": ["model.modalities=[audio]", *JOINT, *WARP],
+    # a second seed of the recipe and of its unimodal references: how much of a gap is seed spread
+    "recipe-seed1": ["seed=1"],
+    "image-only-seed1": ["model.modalities=[image]", *JOINT, "seed=1"],
+    "audio-only-seed1": ["model.modalities=[audio]", *JOINT, "seed=1"],
     "late": [*JOINT],
     "late+drop": [*JOINT, *DROP],
     "late+drop+aux2": [*JOINT, *DROP, "aux_loss=2"],
