@@ -16,8 +16,10 @@ fsspec URL). Sample bytes never pass through the driver; the driver only plans a
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import multiprocessing
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -33,23 +35,47 @@ log = logging.getLogger(__name__)
 
 EXECUTORS = ("local", "ray")
 RAY_CHUNK = 32  # records per Ray encode task
+PROBE_WINDOW = 64  # jobs timed in the main process before deciding where the next ones run
+SHIP_ABOVE = 300e-6  # seconds a job must take to be worth shipping to a worker process
 
 
 class LocalExecutor:
-    """An order-keeping map over a fork process pool (in-process for one worker or a few records)."""
+    """An order-keeping map that moves to a fork process pool once the work is worth shipping.
+
+    Sending a record to a worker and its tar bytes back costs about as much as packing a file that is
+    kept as it is, so jobs run here, timed, window by window; when a window averages more than
+    ``SHIP_ABOVE`` seconds a job (decoding, resampling, re-encoding), the rest go to the pool.
+    Results and their order are the same either way.
+    """
 
     name = "local"
     writes_shards = False  # the runner's loop writes them as samples arrive
 
     def __init__(self, workers: int, jobs: int):
+        self.workers = workers if jobs > 32 else 1
         self.pool = None
-        if workers > 1 and jobs > 32:
-            self.pool = multiprocessing.get_context("fork").Pool(workers)
 
     def map(self, fn: Callable, jobs: Iterable) -> Iterator:
-        if self.pool is None:
+        if self.workers <= 1:
             return map(fn, jobs)
-        return self.pool.imap(fn, jobs, chunksize=64)
+        return self._map_adaptive(fn, iter(jobs))
+
+    def _map_adaptive(self, fn: Callable, jobs: Iterator) -> Iterator:
+        while self.pool is None:
+            window = list(itertools.islice(jobs, PROBE_WINDOW))
+            if not window:
+                return
+            spent = 0.0
+            for job in window:
+                t0 = time.perf_counter()
+                result = fn(job)
+                spent += time.perf_counter() - t0  # the job only, not the consumer's time between yields
+                yield result
+            if spent / len(window) > SHIP_ABOVE:
+                log.debug("%.1f ms a job: encoding the rest in %d processes", 1e3 * spent / len(window),
+                          self.workers)
+                self.pool = multiprocessing.get_context("fork").Pool(self.workers)
+        yield from self.pool.imap(fn, jobs, chunksize=64)
 
     def check_map(self, fn: Callable, jobs: Iterable) -> Iterator:
         """The record checks (a stat and a header each) run here: cheaper than shipping records to workers."""
