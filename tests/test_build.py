@@ -98,10 +98,14 @@ def test_webdataset_layout_builds_cls_task(raw_tars, tmp_path):
     assert card2.counts["written"] == 12
 
 
-def test_rebuild_is_byte_identical_for_any_worker_count(tmp_path):
+def test_rebuild_is_byte_identical_for_any_worker_count(tmp_path, monkeypatch):
+    from mmdata.build import executors
+
     raw = write_folders(tmp_path / "raw", n=40)
     cfg = BuildConfig(max_samples=7, split_by="speaker", val=0.25, seed=3)
     build_dataset(raw, tmp_path / "a", BuildConfig(**{**cfg.__dict__, "workers": 1}), progress=False)
+    monkeypatch.setattr(executors, "PROBE_WINDOW", 4)  # ship all but the first few records to the pool
+    monkeypatch.setattr(executors, "SHIP_ABOVE", 0.0)
     build_dataset(raw, tmp_path / "b", BuildConfig(**{**cfg.__dict__, "workers": 2}), progress=False)
     a, b = output_files(tmp_path / "a"), output_files(tmp_path / "b")
     assert len([n for n in a if n.endswith(".tar")]) >= 4
@@ -210,6 +214,23 @@ def test_sample_data_manifest_and_folders_agree(tmp_path):
     assert np.all(np.asarray(index.column("audio_seconds").to_pylist()) > 0)
 
 
+def test_a_full_disk_is_an_error_not_a_short_shard(tmp_path):
+    from mmdata.build.media import Encoded
+    from mmdata.build.shards import TMP_SUFFIX, SplitWriter
+    from mmdata.format import sample_block
+
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full")
+    (tmp_path / ("train-000000.tar" + TMP_SUFFIX)).symlink_to("/dev/full")  # every write fails: ENOSPC
+    w = SplitWriter(tmp_path, "train", max_samples=100, max_bytes=1 << 30)
+    members = {"txt": b"x" * 5000, "json": b"{}"}
+    with pytest.raises(OSError, match="space"):
+        for i in range(3000):  # several hand-overs to the writing thread
+            w.add(Encoded(f"k{i}", f"k{i}", {}, {}, exts=tuple(members), block=sample_block(f"k{i}", members)))
+        w.close()
+    assert not (tmp_path / "train-000000.tar").exists()
+
+
 def test_split_writer_matches_the_shared_shard_writer(tmp_path):
     from mmdata.build.media import Encoded
     from mmdata.build.shards import SplitWriter
@@ -228,3 +249,56 @@ def test_split_writer_matches_the_shared_shard_writer(tmp_path):
     assert (tmp_path / "train-000000.tar").read_bytes() == buf.getvalue()
     assert (done.info.bytes, done.info.sha256) == (nbytes, sha)
     assert [(r["offset"], r["size"]) for r in done.rows] == offsets
+
+
+def _pid_after(seconds: float, job: int) -> int:
+    import os
+    import time
+
+    time.sleep(seconds)
+    return os.getpid()
+
+
+@pytest.mark.parametrize("seconds,shipped", [(0.0, False), (0.002, True)])
+def test_local_executor_ships_only_work_that_pays_for_it(seconds, shipped):
+    import functools
+    import os
+
+    from mmdata.build.executors import PROBE_WINDOW, LocalExecutor
+
+    ex = LocalExecutor(workers=2, jobs=200)
+    try:
+        pids = list(ex.map(functools.partial(_pid_after, seconds), range(PROBE_WINDOW + 100)))
+    finally:
+        ex.close()
+    assert len(pids) == PROBE_WINDOW + 100
+    assert pids[:PROBE_WINDOW] == [os.getpid()] * PROBE_WINDOW  # timed here first
+    assert (set(pids[PROBE_WINDOW:]) != {os.getpid()}) == shipped
+
+
+def test_read_file_reads_to_the_end_whatever_the_size_hint(tmp_path):
+    from mmdata.build.discover import read_file
+
+    p = tmp_path / "f.bin"
+    p.write_bytes(bytes(range(256)) * 40)
+    assert read_file(str(p)) == p.read_bytes()
+    assert read_file(str(p), size=10) == p.read_bytes()  # the file grew since it was looked at
+    assert read_file(str(p), size=1 << 20) == p.read_bytes()  # or shrank
+    assert read_file(str(p), limit=4) == bytes(range(4))
+    (tmp_path / "empty").write_bytes(b"")
+    assert read_file(str(tmp_path / "empty")) == b""
+
+
+def test_realdir_agrees_with_realpath_through_links(tmp_path):
+    import os
+
+    from mmdata.build.align import _realdir
+
+    (tmp_path / "root" / "a" / "b").mkdir(parents=True)
+    (tmp_path / "out" / "c").mkdir(parents=True)
+    (tmp_path / "root" / "link").symlink_to(tmp_path / "out")
+    (tmp_path / "root" / "a" / "hop").symlink_to("../link")
+    _realdir.cache_clear()
+    for rel in ["a", "a/b", "a/b/..", "a/./b", "link", "link/c", "a/hop/c", "a/hop/../a", "missing/x", "a//b"]:
+        path = f"{tmp_path}/root/{rel}"
+        assert _realdir(path) == os.path.realpath(path), rel

@@ -17,7 +17,7 @@ from typing import Any
 from ..format import HASHED_KEY, make_key
 from ..tasks import BadLabel, Task, infer_task
 from .config import BuildConfig
-from .discover import MediaRef, RawRecord, modality_of_ext
+from .discover import MediaRef, RawRecord, modality_of_ext, read_file
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ def align(raws: list[RawRecord], root: Path, tasks: tuple[Task, ...], config: Bu
     ``map_fn`` is an order-keeping map (a process pool's imap) that runs the per-record checks.
     """
     real_root = Path(os.path.realpath(root))
+    _realdir.cache_clear()  # links may have changed since the last build in this process
     seen: set[str] = set()
     unique: list[RawRecord] = []
     rejects: list[Reject] = []
@@ -152,9 +153,10 @@ def _locate(rel: str, real_root: Path) -> tuple[str, int, tuple[str, str] | None
         return root_s, 0, ("unreadable", "empty path")
     if os.path.isabs(rel) or os.path.splitdrive(rel)[0]:
         return root_s, 0, ("outside_root", f"{rel!r} is an absolute path; give paths relative to the source root")
-    joined = os.path.join(real_root, rel)
     # realpath of the folder (cached: a sample's files share it), then of the file only if it is a link
-    parent, name = os.path.split(os.path.normpath(joined))
+    parent, _, name = f"{root_s}/{rel}".rpartition("/")
+    if name in ("", ".", ".."):  # "a/..", "a/.": let normpath find the last real name
+        parent, name = os.path.split(os.path.normpath(os.path.join(root_s, rel)))
     target = os.path.join(_realdir(parent), name)
     try:
         st = os.lstat(target)  # one call: is it a link, and if not, its type and size
@@ -176,6 +178,18 @@ def _locate(rel: str, real_root: Path) -> tuple[str, int, tuple[str, str] | None
 
 @functools.lru_cache(maxsize=4096)
 def _realdir(path: str) -> str:
+    """``os.path.realpath`` of a folder from its parent's (cached) and one lstat of its own name.
+
+    realpath walks every component with an lstat each; a build's folders share their parents, so only
+    the last name needs looking at. A link, or anything odd, goes to realpath.
+    """
+    head, _, tail = path.rpartition("/")
+    if head and tail not in ("", ".", ".."):
+        try:
+            if not stat.S_ISLNK(os.lstat(path).st_mode):
+                return f"{_realdir(head)}/{tail}"
+        except OSError:
+            pass
     return os.path.realpath(path)
 
 
@@ -198,8 +212,10 @@ def _probe_rate(ref: MediaRef) -> int | None:
 
 
 def _head(path: str | None) -> bytes:
-    with open(path or "", "rb") as f:
-        return f.read(64)
+    try:
+        return read_file(path or "", limit=64)
+    except OSError:
+        return b""  # the encoder reports the file as unreadable
 
 
 def assign_keys(records: list[Record]) -> None:

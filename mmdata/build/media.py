@@ -13,9 +13,11 @@ from typing import Any
 import numpy as np
 
 from .align import Record, Reject
+from .discover import read_file
 
 KEEP_IMAGE = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 PIL_SAVE = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+SAMPLE_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)  # a sample's .json
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ def encode_record(job: tuple[Record, MediaSettings]) -> Encoded | Reject:
             ref = rec.media.get(modality)
             if ref is None:
                 continue
-            data = ref.data if ref.data is not None else _read(ref.path)
+            data = ref.data if ref.data is not None else _read(ref.path, ref.size)
             if not data:
                 raise MediaReject("empty_file", f"{modality} {ref.path!r} is empty (0 bytes)")
             if modality == "image":
@@ -77,8 +79,7 @@ def encode_record(job: tuple[Record, MediaSettings]) -> Encoded | Reject:
             out.members[ext] = blob
     except MediaReject as e:
         return Reject(rec.source_id, rec.paths, e.reason, f"{_where(rec)}: {e}")
-    out.members["json"] = json.dumps({"id": rec.source_id, "labels": rec.labels}, sort_keys=True,
-                                     separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    out.members["json"] = SAMPLE_JSON.encode({"id": rec.source_id, "labels": rec.labels}).encode("utf-8")
     return out
 
 
@@ -86,10 +87,9 @@ def _where(rec: Record) -> str:
     return rec.paths[0] if len(rec.paths) == 1 else rec.source_id
 
 
-def _read(path: str | None) -> bytes:
+def _read(path: str | None, size: int | None) -> bytes:
     try:
-        with open(path or "", "rb") as f:
-            return f.read()
+        return read_file(path or "", size=size)
     except OSError as e:
         raise MediaReject("unreadable", f"cannot read {path!r}: {e.strerror or e}") from None
 

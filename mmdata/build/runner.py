@@ -111,6 +111,7 @@ def _build(raws, root: Path, layout: str, tasks: tuple[Task, ...], out: Path, co
     from tqdm import tqdm
 
     bar = tqdm(total=todo, unit="rec", desc="build", disable=not progress, dynamic_ncols=True)
+    writers: list[SplitWriter] = []
     with open(out / JOURNAL, "a", encoding="utf-8") as jf:
         for split in split_names:
             order = orders[split]
@@ -121,25 +122,31 @@ def _build(raws, root: Path, layout: str, tasks: tuple[Task, ...], out: Path, co
                 bar.update(len(order))
                 continue
             writer = SplitWriter(out, split, config.max_samples, config.max_bytes, first_index=len(done[split]))
+            writers.append(writer)
             pending: list[Reject] = []
             jobs = ((by_key[k], settings) for k in order[consumed[split]:])
-            for pos, result in enumerate(pool.map(encode_and_pack, jobs), consumed[split]):
-                bar.update(1)
-                if isinstance(result, Reject):
-                    pending.append(result)
-                    bar.set_postfix(rejected=len(rejects) + len(pending), refresh=False)
-                    continue
-                closed = writer.add(result)
-                if closed:
-                    _journal(jf, split, closed, pos, pending)
-                    done[split].append(closed)
-                    rejects, pending = rejects + pending, []
-            closed = writer.close()
+            try:
+                for pos, result in enumerate(pool.map(encode_and_pack, jobs), consumed[split]):
+                    bar.update(1)
+                    if isinstance(result, Reject):
+                        pending.append(result)
+                        bar.set_postfix(rejected=len(rejects) + len(pending), refresh=False)
+                        continue
+                    closed = writer.add(result)
+                    if closed:
+                        _journal(jf, split, closed, pos, pending)
+                        done[split].append(closed)
+                        rejects, pending = rejects + pending, []
+                closed = writer.close()
+            finally:
+                writer.abandon()  # after an error: stop the open shard's thread
             if closed:
                 _journal(jf, split, closed, len(order), pending)
                 done[split].append(closed)
             rejects += pending
     bar.close()
+    for writer in writers:  # every shard on disk before the card says the dataset is there
+        writer.sync()
     return _finish(out, config, resolved, tasks, settings, done, rejects, len(raws))
 
 
@@ -165,11 +172,9 @@ def _media_settings(records: list[Record], config: BuildConfig) -> MediaSettings
 
 
 def _fingerprint(resolved: dict[str, Any], records: list[Record], split_of: dict[str, str]) -> str:
-    h = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode())
-    for r in sorted(records, key=lambda r: r.key):
-        sizes = [m.size for m in r.media.values()]
-        h.update(json.dumps([r.key, r.source_id, split_of[r.key], r.paths, sizes, r.labels]).encode())
-    return h.hexdigest()
+    facts = [[r.key, r.source_id, split_of[r.key], r.paths, [m.size for m in r.media.values()], r.labels]
+             for r in sorted(records, key=lambda r: r.key)]
+    return hashlib.sha256(json.dumps([resolved, facts], sort_keys=True).encode()).hexdigest()
 
 
 # ---- output folder and journal -----------------------------------------------------------------------------
@@ -220,8 +225,7 @@ def _journal(jf, split: str, done: ShardDone, consumed: int, rejects: list[Rejec
              "sha256": done.info.sha256, "consumed": consumed, "rows": done.rows, "texts": done.texts,
              "rejects": [r.to_dict() for r in rejects]}
     jf.write(json.dumps(entry) + "\n")
-    jf.flush()
-    os.fsync(jf.fileno())
+    jf.flush()  # no fsync: a resumed build checks each listed shard's hash, so a lost line only costs a redo
 
 
 def _done_from_entry(e: dict[str, Any]) -> ShardDone:
