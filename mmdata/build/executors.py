@@ -52,16 +52,19 @@ class LocalExecutor:
     writes_shards = False  # the runner's loop writes them as samples arrive
 
     def __init__(self, workers: int, jobs: int):
-        self.workers = workers if jobs > 32 else 1
-        self.pool = None
+        self.pool = None  # forked now, before the build starts any thread (the shard writers)
+        if workers > 1 and jobs > 32:
+            self.pool = multiprocessing.get_context("fork").Pool(workers)
+        self.workers = workers
+        self.shipping = False
 
     def map(self, fn: Callable, jobs: Iterable) -> Iterator:
-        if self.workers <= 1:
+        if self.pool is None:
             return map(fn, jobs)
         return self._map_adaptive(fn, iter(jobs))
 
     def _map_adaptive(self, fn: Callable, jobs: Iterator) -> Iterator:
-        while self.pool is None:
+        while not self.shipping:
             window = list(itertools.islice(jobs, PROBE_WINDOW))
             if not window:
                 return
@@ -74,7 +77,7 @@ class LocalExecutor:
             if spent / len(window) > SHIP_ABOVE:
                 log.debug("%.1f ms a job: encoding the rest in %d processes", 1e3 * spent / len(window),
                           self.workers)
-                self.pool = multiprocessing.get_context("fork").Pool(self.workers)
+                self.shipping = True
         yield from self.pool.imap(fn, jobs, chunksize=64)
 
     def check_map(self, fn: Callable, jobs: Iterable) -> Iterator:
