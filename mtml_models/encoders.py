@@ -119,7 +119,7 @@ class AudioCNN(nn.Module):
             raise ConfigError(
                 f"audio encoder expects log-mel features (B, {self.n_mels}, frames), got shape "
                 f"{tuple(audio.shape)}; run the augmentation pipeline first or set model.audio.n_mels "
-                f"to the pipeline's n_mels")
+                f"to the pipeline's feature bins (augment.audio.cepstra, or its n_mels when that is 0)")
         B, _, T = audio.shape
         if lengths is None:
             lengths = torch.full((B,), T, device=audio.device)

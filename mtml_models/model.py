@@ -30,7 +30,7 @@ class ImageConfig:
 @dataclass(frozen=True)
 class AudioConfig:
     kind: str = "cnn"
-    n_mels: int = 64  # must match the augmentation pipeline's mel bands
+    n_mels: int = 64  # must match the augmentation pipeline's feature bins (its cepstra, else its n_mels)
     width: int = 64
     depth: int = 3
     frames: int | None = None  # resample each clip's valid frames to this many (speaking-rate invariance)

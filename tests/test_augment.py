@@ -417,3 +417,28 @@ def test_warp_off_keeps_the_random_stream():
     _, params_on = on(b, generator=gen(3), return_params=True)
     assert torch.equal(params_on["audio"]["gain"]["gain_db"], params["audio"]["gain"]["gain_db"])
     assert not torch.equal(params_on["audio"]["specaug"]["time_start"], params["audio"]["specaug"]["time_start"])
+
+
+def test_cepstra_are_the_mfccs_of_the_log_mel_and_keep_padding_zero():
+    import torchaudio
+
+    audio = {"n_mels": 40, "win_ms": 32, "hop_ms": 8, "cepstra": 13, "normalize": "none", "freq_mask_bins": 3}
+    aug = pipeline(audio=audio).eval()
+    b = make_batch(4)
+    out = aug(b)
+    assert out.audio.shape[1] == 13
+    mfcc = torchaudio.transforms.MFCC(SR, n_mfcc=13, log_mels=True, melkwargs={
+        "n_fft": 256, "win_length": 256, "hop_length": 64, "n_mels": 40, "center": True, "pad_mode": "constant"})
+    full = int(out.audio_lengths[0])  # the first sample has no padding
+    torch.testing.assert_close(out.audio[0, :, :full], mfcc(b.audio[0, : int(b.audio_lengths[0])]), atol=1e-3,
+                               rtol=1e-4)
+    valid = torch.arange(out.audio.shape[-1]) < out.audio_lengths[:, None]
+    assert (out.audio * ~valid[:, None, :] == 0).all()
+    # trained on them, SpecAugment's frequency masks cover coefficients; the same seed replays
+    train = pipeline(audio={**audio, "normalize": "bin"})
+    a, b2 = train(b, generator=gen(5)), train(b, generator=gen(5))
+    assert a.audio.shape[1] == 13 and torch.equal(a.audio, b2.audio)
+    with pytest.raises(ConfigError, match="cepstra"):
+        AudioConfig(n_mels=40, cepstra=41)
+    with pytest.raises(ConfigError, match="warp_p"):
+        AudioConfig(cepstra=13, warp_p=0.5)

@@ -29,12 +29,23 @@ SPEAKERS = ("george", "jackson", "lucas", "nicolas", "yweweler")
 JOINT = ["fused_loss=1", "aux_loss=0", "model.fusion.late_weights=mean"]
 DROP = ["augment.mix.modality_dropout=0.3"]
 WARP = ["augment.audio.warp_p=0.5", "augment.audio.warp=0.1"]  # vocal tract length perturbation
+
+
+def MFCC(n: int) -> list[str]:  # noqa: N802 - reads like the constants above
+    return [f"augment.audio.cepstra={n}", f"model.audio.n_mels={n}", "augment.audio.freq_mask_bins=3"]
+
+
 VARIANTS: dict[str, list[str]] = {
     "recipe": [],
     "recipe-equal": ["model.fusion.late_weights=mean"],
     "image-only": ["model.modalities=[image]", *JOINT],
     "audio-only": ["model.modalities=[audio]", *JOINT],
     "audio-only+warp": ["model.modalities=[audio]", *JOINT, *WARP],
+    # MFCCs: the first DCT coefficients of the log-mel, without the pitch harmonics
+    "audio-only+mfcc20": ["model.modalities=[audio]", *JOINT, *MFCC(20)],
+    "audio-only+mfcc13": ["model.modalities=[audio]", *JOINT, *MFCC(13)],
+    "audio-only+mfcc20-seed1": ["model.modalities=[audio]", *JOINT, *MFCC(20), "seed=1"],
+    "audio-only+mfcc13-seed1": ["model.modalities=[audio]", *JOINT, *MFCC(13), "seed=1"],
     # a second seed of the recipe and of its unimodal references: how much of a gap is seed spread
     "recipe-seed1": ["seed=1"],
     "image-only-seed1": ["model.modalities=[image]", *JOINT, "seed=1"],

@@ -101,6 +101,9 @@ class Noise(Op):
 class LogMel(Op):
     """Waveform (B,T) -> log-mel (B,n_mels,F), normalised over valid frames; padded frames are zero.
 
+    With ``cepstra`` > 0, the first ``cepstra`` coefficients of an orthonormal DCT over the mel axis
+    (MFCCs, (B,cepstra,F)) replace the bands before normalising: the low coefficients keep the
+    spectral envelope (what is said) and drop the harmonics (the speaker's pitch).
     Deterministic (no params). ``lengths`` become frame counts: L // hop + 1 (0 for an empty sample).
     """
 
@@ -113,6 +116,8 @@ class LogMel(Op):
             sample_rate=sample_rate, n_fft=n_fft, win_length=win, hop_length=self.hop, f_min=cfg.f_min,
             f_max=cfg.f_max, n_mels=cfg.n_mels, power=2.0, center=True, pad_mode="constant")
         self.eps, self.normalize = cfg.log_eps, cfg.normalize
+        dct = torchaudio.functional.create_dct(cfg.cepstra, cfg.n_mels, norm="ortho") if cfg.cepstra else None
+        self.register_buffer("dct", None if dct is None else dct.T.contiguous(), persistent=False)  # (C,M)
 
     def frames(self, lengths: torch.Tensor, total: int) -> torch.Tensor:
         """Valid frames (B,) for lengths in samples, within ``total`` frames."""
@@ -123,8 +128,10 @@ class LogMel(Op):
 
     def apply(self, x: Audio, params: Params) -> Audio:
         if self.mel.spectrogram.window.device != x.values.device:
-            self.mel.to(x.values.device)  # follow the batch's device; Python-level check, no sync
+            self.to(x.values.device)  # follow the batch's device; Python-level check, no sync
         feats = torch.log(self.mel(x.values.float()) + self.eps)  # (B,M,F)
+        if self.dct is not None:
+            feats = torch.matmul(self.dct, feats)  # (C,M) @ (B,M,F) -> (B,C,F)
         frames = self.frames(x.lengths, feats.shape[-1])
         valid = valid_mask(frames, feats.shape[-1]).unsqueeze(1).to(feats.dtype)  # (B,1,F)
         if self.normalize != "none":
@@ -229,7 +236,7 @@ class AudioAugment(Op):
         self.features = LogMel(cfg, sample_rate)
         self.warp = FreqWarp(cfg)
         self.specaug = SpecAugment(cfg)
-        self.n_mels = cfg.n_mels
+        self.n_mels = cfg.feature_bins
 
     def make_params(self, x: Audio, generator: torch.Generator | None) -> Params:
         if not self.training:

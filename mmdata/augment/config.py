@@ -98,6 +98,12 @@ class AudioConfig:
     freq_mask_bins: int = 8
     normalize: str = "utterance"  # utterance | bin | none, over valid frames only
     log_eps: float = 1e-6
+    cepstra: int = 0  # > 0: keep that many DCT coefficients of the log-mel (MFCCs), which drop pitch detail
+
+    @property
+    def feature_bins(self) -> int:
+        """Height of the features: cepstral coefficients, or mel bands."""
+        return self.cepstra or self.n_mels
 
     def __post_init__(self) -> None:
         if self.sample_rate is not None and int(self.sample_rate) <= 0:
@@ -117,8 +123,15 @@ class AudioConfig:
         for n in ("time_masks", "time_mask_frames", "freq_masks", "freq_mask_bins"):
             if getattr(self, n) < 0:
                 raise ConfigError(f"audio.{n} must be >= 0, got {getattr(self, n)!r}")
-        if self.freq_mask_bins > self.n_mels:
-            raise ConfigError(f"audio.freq_mask_bins must be <= n_mels={self.n_mels}, got {self.freq_mask_bins}")
+        if not 0 <= self.cepstra <= self.n_mels:
+            raise ConfigError(f"audio.cepstra must be in [0, n_mels={self.n_mels}] (0: log-mel features), "
+                              f"got {self.cepstra!r}")
+        if self.cepstra and self.warp_p > 0:
+            raise ConfigError("audio.warp_p stretches mel bands, and audio.cepstra replaces them; set one of "
+                              "them to 0")
+        if self.freq_mask_bins > self.feature_bins:
+            raise ConfigError(f"audio.freq_mask_bins must be <= the {self.feature_bins} feature bins, got "
+                              f"{self.freq_mask_bins}")
         if self.normalize not in NORMALIZE_MODES:
             raise ConfigError(f"audio.normalize must be one of {NORMALIZE_MODES}, got {self.normalize!r}")
 
