@@ -168,8 +168,11 @@ def contact_sheet(path: str, split: str, n: int = 8, seed: int = 0, augment: dic
     for m, cols in absent.items():
         if m not in ds.card.modalities:
             columns = tuple(c for c in columns if c not in cols)
+    unit = "mels"
     if augment is not None:
         aug_images, mels, aug_mels = augmented(ds, shown, augment, seed)
+        if (augment.get("audio") or {}).get("cepstra"):  # the pipeline's features are MFCCs
+            unit = "MFCCs"
     widths = {"image": 1.1, "augmented": 1.1, "waveform": 2.2, "log-mel": 2.2, "augmented log-mel": 2.2,
               "text and labels": 2.6}
     fig, axes = plt.subplots(len(shown), len(columns), squeeze=False,
@@ -185,13 +188,14 @@ def contact_sheet(path: str, split: str, n: int = 8, seed: int = 0, augment: dic
             elif col == "waveform":
                 _wave(ax, s.audio, rate)
             elif col == "log-mel":
-                _mel(ax, mels[r])
+                _mel(ax, mels[r], unit)
             elif col == "augmented log-mel":
-                _mel(ax, aug_mels[r])
+                _mel(ax, aug_mels[r], unit)
             else:
                 _text(ax, s)
             if r == 0:
-                ax.set_title(col, fontsize=10, fontweight="bold")
+                ax.set_title(col.replace("log-mel", "MFCC") if unit == "MFCCs" else col, fontsize=10,
+                             fontweight="bold")
     title = f"{ds.root.rstrip('/').rsplit('/', 1)[-1]} / {split}: {len(shown)} of {ds.num_samples(split)} samples, seed {seed}"
     fig.suptitle(title + (" (augmented: train-mode Pipeline)" if augment is not None else ""), fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 0.985))
@@ -230,13 +234,13 @@ def _wave(ax, audio, rate: int) -> None:
     ax.set_xlabel(f"{len(audio) / rate:.2f} s at {rate} Hz", fontsize=7, labelpad=1)
 
 
-def _mel(ax, mel) -> None:
+def _mel(ax, mel, unit: str = "mels") -> None:
     if mel is None:
         return _blank(ax, "audio")
     ax.imshow(mel, origin="lower", aspect="auto", cmap="magma", interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_xlabel(f"{mel.shape[0]} mels x {mel.shape[1]} frames", fontsize=7, labelpad=1)
+    ax.set_xlabel(f"{mel.shape[0]} {unit} x {mel.shape[1]} frames", fontsize=7, labelpad=1)
 
 
 def _text(ax, s: Shown) -> None:

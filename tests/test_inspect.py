@@ -332,6 +332,14 @@ def test_show_augment_draws_before_and_after(built, tmp_path):
             mel, aug_mel = (np.asarray(fig.axes[6 * row + c].images[0].get_array()) for c in (3, 4))
             assert mel.shape == aug_mel.shape and mel.shape[0] == 16  # the config's n_mels
             assert not np.allclose(mel, aug_mel, atol=1e-3)  # noise at 0-5 dB SNR on every clip
+        assert fig.axes[3].get_title() == "log-mel"
+    finally:
+        plt.close(fig)
+    cfg.write_text("augment:\n  audio: {n_mels: 16, cepstra: 5, freq_mask_bins: 2}\n")
+    fig = contact_sheet(str(built), "val", n=2, seed=0, augment=read_augment_config(str(cfg)))
+    try:  # the pipeline's features are MFCCs, and the sheet says so
+        assert [fig.axes[c].get_title() for c in (3, 4)] == ["MFCC", "augmented MFCC"]
+        assert fig.axes[3].images[0].get_array().shape[0] == 5 and "5 MFCCs" in fig.axes[3].get_xlabel()
     finally:
         plt.close(fig)
 

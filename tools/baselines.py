@@ -1,8 +1,9 @@
 """Logistic-regression baselines for avmnist digit (and parity, read off the digit) accuracy, leave-one-speaker-out.
 
 Features: raw pixels (image); 40-band log-mel at 24 interpolated frames plus per-band mean and std
-(audio); both concatenated (fusion). Reads the raw manifest, not shards, so it shares no code path
-with the models it is compared to.
+(audio); both concatenated (fusion); and, as a fourth row, the first 13 DCT coefficients of that
+log-mel (MFCCs) in the same layout (audio_mfcc13). Reads the raw manifest, not shards, so it shares
+no code path with the models it is compared to.
 
     python tools/baselines.py --source ../shared/data/avmnist-dev --json runs/baselines.json
 """
@@ -21,23 +22,28 @@ import torch
 from PIL import Image
 
 SPEAKERS = ("george", "jackson", "lucas", "nicolas", "yweweler")
+FEATURES = ("image", "audio", "fusion", "audio_mfcc13")
 
 
-def audio_features(path: Path, n_mels: int = 40, frames: int = 24) -> np.ndarray:
-    """(n_mels*frames + 2*n_mels,) log-mel resampled in time, plus per-band mean and std."""
+def audio_features(path: Path, n_mels: int = 40, frames: int = 24, mfcc: int = 0) -> np.ndarray:
+    """(bins*frames + 2*bins,) log-mel (or its first ``mfcc`` DCT coefficients) resampled in time, plus
+    per-bin mean and std."""
     wav, sr = sf.read(path, dtype="float32", always_2d=True)
     mel = librosa.feature.melspectrogram(y=wav.mean(1), sr=sr, n_fft=256, hop_length=64, n_mels=n_mels)
-    logmel = np.log(mel + 1e-6)  # (M, F)
-    t = torch.from_numpy(logmel)[None]  # (1, M, F)
+    feats = np.log(mel + 1e-6)  # (M, F)
+    if mfcc:
+        feats = librosa.feature.mfcc(S=feats, n_mfcc=mfcc)  # (mfcc, F), orthonormal DCT-II
+    t = torch.from_numpy(np.ascontiguousarray(feats))[None]  # (1, bins, F)
     warped = torch.nn.functional.interpolate(t, size=frames, mode="linear", align_corners=True)[0]
-    return np.concatenate([warped.numpy().ravel(), logmel.mean(1), logmel.std(1)])
+    return np.concatenate([warped.numpy().ravel(), feats.mean(1), feats.std(1)])
 
 
 def load(source: Path) -> dict[str, np.ndarray]:
     rows = list(csv.DictReader(open(source / "manifest.csv")))
     img = np.stack([np.asarray(Image.open(source / r["image"]).convert("L"), np.float32).ravel() / 255 for r in rows])
     aud = np.stack([audio_features(source / r["audio"]) for r in rows]).astype(np.float32)
-    return {"image": img, "audio": aud, "fusion": np.concatenate([img, aud], 1),
+    mfcc = np.stack([audio_features(source / r["audio"], mfcc=13) for r in rows]).astype(np.float32)
+    return {"image": img, "audio": aud, "fusion": np.concatenate([img, aud], 1), "audio_mfcc13": mfcc,
             "digit": np.array([int(r["digit"]) for r in rows]), "speaker": np.array([r["speaker"] for r in rows])}
 
 
@@ -70,16 +76,16 @@ def main() -> None:
     for spk in SPEAKERS:
         test = data["speaker"] == spk
         table[spk] = {}
-        for feats in ("image", "audio", "fusion"):
+        for feats in FEATURES:
             x = data[feats]
             pred = fit_predict(x[~test], data["digit"][~test], x[test])
             table[spk][feats] = float((pred == data["digit"][test]).mean())
             # parity read off the predicted digit (pixels are not linearly separable by parity itself)
             table[spk][f"{feats}_parity"] = float((pred % 2 == data["digit"][test] % 2).mean())
         print(f"{spk:9s} " + "  ".join(f"{k} {v:.3f}" for k, v in table[spk].items()), flush=True)
-    for feats in ("image", "audio", "fusion"):
+    for feats in FEATURES:
         v = np.array([table[s][feats] for s in SPEAKERS])
-        print(f"{feats:7s} mean {v.mean():.3f}  min {v.min():.3f}  max {v.max():.3f}")
+        print(f"{feats:12s} mean {v.mean():.3f}  min {v.min():.3f}  max {v.max():.3f}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(table, indent=2))
