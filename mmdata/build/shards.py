@@ -141,7 +141,10 @@ class _Sink:
             self._error = self._error or e
         finally:
             self._flushed.set()
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError as e:  # the buffer's last bytes after an error: the first error is the one to tell
+                self._error = self._error or e
 
     def put(self, block: bytes) -> None:
         self._batch.append(block)
