@@ -267,6 +267,7 @@ def test_local_executor_ships_only_work_that_pays_for_it(seconds, shipped):
     from mmdata.build.executors import PROBE_WINDOW, LocalExecutor
 
     ex = LocalExecutor(workers=2, jobs=200)
+    ex.start(decoding=True)
     try:
         pids = list(ex.map(functools.partial(_pid_after, seconds), range(PROBE_WINDOW + 100)))
     finally:
@@ -302,3 +303,29 @@ def test_realdir_agrees_with_realpath_through_links(tmp_path):
     for rel in ["a", "a/b", "a/b/..", "a/./b", "link", "link/c", "a/hop/c", "a/hop/../a", "missing/x", "a//b"]:
         path = f"{tmp_path}/root/{rel}"
         assert _realdir(path) == os.path.realpath(path), rel
+
+
+def test_the_pool_is_forked_only_for_builds_that_decode():
+    from mmdata.build.align import Record
+    from mmdata.build.discover import MediaRef
+    from mmdata.build.executors import LocalExecutor
+    from mmdata.build.media import MediaSettings
+    from mmdata.build.runner import _decodes
+
+    def rec(image="png", audio="wav", rate=8000):
+        return Record("x", {"image": MediaRef(image, "a"), "audio": MediaRef(audio, "b")}, {}, audio_rate=rate)
+
+    kept = MediaSettings(sample_rate=8000, audio_format="wav")
+    assert not _decodes([rec(), rec()], kept)  # PNG and WAV stored as they are
+    assert _decodes([rec(), rec(rate=16000)], kept)  # one resample
+    assert _decodes([rec(audio="flac")], kept)  # FLAC -> WAV
+    assert _decodes([rec(image="jpg")], kept)  # a JPEG is decoded to be checked
+    assert _decodes([rec()], MediaSettings(sample_rate=8000, audio_format="wav", max_side=16))
+    ex = LocalExecutor(workers=2, jobs=100)
+    ex.start(decoding=False)
+    assert ex.pool is None and list(ex.map(abs, [-1, 2])) == [1, 2]
+    ex.start(decoding=True)
+    try:
+        assert ex.pool is not None
+    finally:
+        ex.close()

@@ -88,6 +88,7 @@ def _build(raws, root: Path, layout: str, tasks: tuple[Task, ...], out: Path, co
            *, overwrite: bool, resume: bool, progress: bool) -> Card:
     records, rejects = align(raws, root, tasks, config, map_fn=pool.check_map)
     settings = _media_settings(records, config)
+    pool.start(decoding=_decodes(records, settings))
     split_of = assign_splits(records, config)
     resolved = config.to_dict()
     resolved.update(layout=layout, sample_rate=settings.sample_rate,
@@ -158,6 +159,19 @@ def encode_and_pack(job: tuple[Record, MediaSettings]) -> Encoded | Reject:
         res.block = sample_block(res.key, res.members)
         res.members = {}
     return res
+
+
+def _decodes(records: list[Record], s: MediaSettings) -> bool:
+    """Whether encoding will decode media: anything but PNGs kept as they are and audio already in the
+    stored format and rate (a WAV's sample format is only known once read: it counts as kept)."""
+    for r in records:
+        image, audio = r.media.get("image"), r.media.get("audio")
+        if image is not None and (image.ext != "png" or s.max_side is not None
+                                  or s.image_format not in ("keep", "png")):
+            return True
+        if audio is not None and (audio.ext != s.audio_format or r.audio_rate != s.sample_rate):
+            return True
+    return False
 
 
 def _media_settings(records: list[Record], config: BuildConfig) -> MediaSettings:
