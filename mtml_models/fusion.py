@@ -56,7 +56,9 @@ class AttentionFusion(nn.Module):
         super().__init__()
         self.modalities = modalities
         self.out_dim = dim
-        self.score = nn.Sequential(nn.Linear(dim, hidden or dim), nn.Tanh(), nn.Linear(hidden or dim, 1))
+        # No bias on the last layer: one constant added to every modality's score cancels in the softmax,
+        # so its gradient is exactly zero; modality_bias shifts modalities apart instead.
+        self.score = nn.Sequential(nn.Linear(dim, hidden or dim), nn.Tanh(), nn.Linear(hidden or dim, 1, bias=False))
         self.modality_bias = nn.Parameter(torch.zeros(len(modalities)))
 
     def forward(self, feats: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> torch.Tensor:
