@@ -14,7 +14,7 @@ def draw_curves(history: list[dict[str, Any]], path: str | Path) -> int:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    epochs = [row["epoch"] + 1 for row in history]
+    epochs = [row["epoch"] for row in history]  # counted from 1, as in metrics.csv and the log
     losses = sorted({k for row in history for k in row if k.startswith("train_")})
     metrics = sorted({k for row in history for k in row if k.startswith("val_")})
     panels = [("training loss", losses)] + ([("validation", metrics)] if metrics else [])

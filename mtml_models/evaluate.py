@@ -64,7 +64,7 @@ def run(args) -> int:
         print(json.dumps(result, indent=2))
         return 0
     dropped = f", {args.drop_modality} dropped" if args.drop_modality else ""
-    print(f"{args.run} on {result['split']} ({result['samples']} samples, epoch {result['epoch'] + 1}{dropped})")
+    print(f"{args.run} on {result['split']} ({result['samples']} samples, epoch {result['epoch']}{dropped})")
     for task, ms in result["tasks"].items():
         print(f"  {task:12s} " + "  ".join(f"{k} {v:.4f}" for k, v in ms.items()))
     return 0

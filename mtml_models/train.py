@@ -215,10 +215,10 @@ def train(cfg: TrainConfig, data: str, out: str | Path, *, resume: bool = False,
         weighting.load_state_dict({k[len("weighting."):]: v for k, v in extra.items()
                                    if k.startswith("weighting.")})
         sched.last_epoch = meta["step"]  # the lr itself came back with the optimizer's param groups
-        start, history, best, baseline = meta["epoch"] + 1, meta["history"], meta["best"], meta["baseline"]
+        start, history, best, baseline = meta["epoch"], meta["history"], meta["best"], meta["baseline"]
         if meta["card_digest"] != card_digest(ds):
             log.warning("resuming on a dataset whose card differs from the one the run started on")
-        log.info("resuming %s after epoch %d", out, meta["epoch"])
+        log.info("resuming %s after epoch %d", out, meta["epoch"])  # epochs count from 1 wherever shown
     elif rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -235,7 +235,7 @@ def train(cfg: TrainConfig, data: str, out: str | Path, *, resume: bool = False,
     # Branches that learn apart (fused_loss 0) are clipped apart, as each would be if trained alone.
     clip_groups = [] if cfg.optim.grad_clip <= 0 else (
         model.branch_parameters() if cfg.fused_loss == 0 else [list(model.parameters())])
-    for epoch in range(start, end):
+    for epoch in range(start, end):  # 0-based here (loader, seeds); every record and message says epoch + 1
         train_loader.set_epoch(epoch)
         dropout_seed, augment_seed = _seeds(cfg.seed, epoch, rank)
         torch.manual_seed(dropout_seed)  # dropout: reproducible on resume
@@ -274,17 +274,17 @@ def train(cfg: TrainConfig, data: str, out: str | Path, *, resume: bool = False,
         metrics = evaluate_loader(session, val_loader) if val_loader is not None else {}
         if not baseline and _comparable(metrics):
             baseline = metrics  # Δm is measured against the first evaluation that has a usable metric
-        score = selection_score(metrics, cfg.select, baseline) if metrics and baseline else float(epoch)
-        row = {"epoch": epoch, "samples_per_s": seen * world / elapsed, "lr": sched.get_last_lr()[0],
+        score = selection_score(metrics, cfg.select, baseline) if metrics and baseline else float(epoch + 1)
+        row = {"epoch": epoch + 1, "samples_per_s": seen * world / elapsed, "lr": sched.get_last_lr()[0],
                **{f"train_{k}": v for k, v in train_losses.items()},
                **{f"val_{t}_{m}": v for t, ms in metrics.items() for m, v in ms.items()}, "score": score}
         history.append(row)
         improved = best is None or score >= best["score"]
         if improved:
-            best = {"epoch": epoch, "score": score, "metrics": metrics}
+            best = {"epoch": epoch + 1, "score": score, "metrics": metrics}
         if rank == 0:
             _write_metrics(out / "metrics.csv", history)
-            meta = {**meta_base, "epoch": epoch, "step": (epoch + 1) * len(train_loader), "history": history,
+            meta = {**meta_base, "epoch": epoch + 1, "step": (epoch + 1) * len(train_loader), "history": history,
                     "best": best, "baseline": baseline, "metrics": metrics}
             extra = {f"weighting.{k}": v for k, v in weighting.state_dict().items()}
             if improved:
@@ -415,8 +415,8 @@ def run(args) -> int:
     else:
         cfg = load_config(config, args.set)
     best = train(cfg, args.data, args.out, resume=args.resume, device=args.device,
-                 progress=not args.no_progress, stop_after=args.stop_after)
-    if not dist.is_initialized() or dist.get_rank() == 0:
+                 progress=not (args.no_progress or args.quiet), stop_after=args.stop_after)
+    if not args.quiet and (not dist.is_initialized() or dist.get_rank() == 0):
         print(json.dumps({"best_epoch": best["epoch"], "metrics": best["metrics"]}, indent=2))
     if dist.is_initialized():
         dist.destroy_process_group()

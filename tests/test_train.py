@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -42,22 +43,34 @@ def _train(data: Path, out: Path, *extra: str) -> None:
 
 
 def _rows(run: Path) -> list[dict[str, str]]:
-    return list(csv.DictReader(open(run / "metrics.csv")))
+    with open(run / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
 
 
-def test_train_then_eval_reports_every_task(avdata, tmp_path, capsys):
+def test_train_then_eval_reports_every_task(avdata, tmp_path, capsys, caplog):
     run = tmp_path / "run"
+    caplog.set_level(logging.INFO, logger="mtml_models")
+    capsys.readouterr()
     _train(avdata, run)
+    best_epoch = json.loads(capsys.readouterr().out)["best_epoch"]
     rows = _rows(run)
-    assert [r["epoch"] for r in rows] == ["0", "1"]
+    # one count of epochs, from 1, wherever a user reads it: the log, metrics.csv, best, eval
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    logged = [int(m.split()[1].rstrip(":")) for m in caplog.messages if m.startswith("epoch ")]
+    assert logged == [1, 2]
+    assert str(best_epoch) in {r["epoch"] for r in rows}
     assert {"train_digit", "train_parity", "val_digit_accuracy", "val_parity_macro_f1"} <= set(rows[0])
-    assert Image.open(run / "curves.png").size[0] > 0
+    with Image.open(run / "curves.png") as im:
+        assert im.size[0] > 0
     assert (run / "best" / "model.safetensors").is_file() and (run / "last" / "optimizer.safetensors").is_file()
     capsys.readouterr()
     assert mtml(["eval", "--run", str(run), "--split", "test", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["samples"] == 50 and set(result["tasks"]) == {"digit", "parity"}
     assert 0 <= result["tasks"]["digit"]["accuracy"] <= 1
+    assert result["epoch"] == best_epoch
+    assert mtml(["eval", "--run", str(run), "--split", "test"]) == 0
+    assert f"epoch {best_epoch}" in capsys.readouterr().out
 
 
 def test_resumed_run_continues_the_same_curve(avdata, tmp_path):
@@ -81,7 +94,7 @@ def test_without_a_val_split_the_schedule_is_fixed(tmp_path):
     run = tmp_path / "run"
     _train(data, run)
     meta = json.loads((run / "best" / "meta.json").read_text())
-    assert meta["epoch"] == 1  # the last epoch: nothing to select on
+    assert meta["epoch"] == 2  # the last of the two epochs: nothing to select on
 
 
 def test_dropping_a_modality_clears_mask_and_input(avdata, tmp_path):
