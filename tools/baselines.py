@@ -68,7 +68,8 @@ def fit_predict(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, l2: float = 1
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--source", type=Path, default=Path("../shared/data/avmnist-dev"))
+    ap.add_argument("--source", type=Path,
+                    default=Path(__file__).resolve().parents[1].parent / "shared" / "data" / "avmnist-dev")
     ap.add_argument("--json", type=Path, help="also write the table here")
     args = ap.parse_args()
     data = load(args.source)

@@ -1,6 +1,6 @@
 """Benchmark `mmdata build` against `tar -cf` of the same raw folder: samples/s, MB/s and the ratio.
 
-    python tools/bench_build.py --source /work/shared/data/avmnist-dev --runs 3
+    python tools/bench_build.py --runs 3       # --source defaults to ../shared/data/avmnist-dev beside the repo
 
 Four timings, each the median of --runs runs after one warm-up (page cache warm for all):
   tar        `tar -cf OUT.tar -C SOURCE .`
@@ -34,7 +34,7 @@ from mmdata.build.discover import modality_of_ext, read_file  # noqa: E402
 from mmdata.build.media import SAMPLE_JSON, plain_png_size, wav_format  # noqa: E402
 from mmdata.format import sample_block  # noqa: E402
 
-DEFAULT_SOURCE = "/work/shared/data/avmnist-dev"
+DEFAULT_SOURCE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "avmnist-dev"
 
 
 def time_runs(fn, runs: int) -> list[float]:

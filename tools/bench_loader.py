@@ -7,13 +7,13 @@
   ours-s3    ours on the same shards uploaded to a loopback S3 server (moto on 127.0.0.1, read through
              s3fs with ranged GETs; see tools/bench_s3.py for the shard-cache row); --no-s3 skips it
 
-Datasets: ``--source RAW`` builds a copy of a raw folder (e.g. /work/shared/data/avmnist-dev) with
+Datasets: ``--source RAW`` builds a copy of a raw folder (e.g. ../shared/data/avmnist-dev) with
 ``mmdata.build.build_dataset``; without it the script makes a synthetic set (256x256 JPEG + 1 s 16 kHz
 FLAC + a text + a label) and builds it. Each figure is the median of --runs full epochs (worker start-up
 included, runs alternated); the ratio is from the same process.
 
     python tools/bench_loader.py                                   # synthetic, ~1 min on 2 cores
-    python tools/bench_loader.py --source /work/shared/data/avmnist-dev --workers 2
+    python tools/bench_loader.py --source ../shared/data/avmnist-dev --workers 2
     python tools/bench_loader.py --samples 4096 --workers 16 --batch-size 64     # the GPU machine
 """
 
