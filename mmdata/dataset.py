@@ -134,7 +134,7 @@ class Dataset:
         from .tokenizer import TOKENIZER_FILE
 
         try:
-            return _read_bytes(self.url(f"{TOKENIZER_DIR}/{TOKENIZER_FILE}"), self.storage_options)
+            return self.read(f"{TOKENIZER_DIR}/{TOKENIZER_FILE}")
         except FileNotFoundError:
             return None
 
@@ -146,6 +146,10 @@ class Dataset:
             raise DatasetNotFoundError(f"{self.root!r} has no {TOKENIZER_DIR}/ folder; rebuild it with text and "
                                        "tokenizer_vocab > 0, or pass LoaderConfig(tokenizer=PATH)")
         return load_tokenizer(self.tokenizer_json)
+
+    def read(self, name: str) -> bytes:
+        """The bytes of file ``name`` in the dataset folder (FileNotFoundError when absent)."""
+        return _read_bytes(self.url(name), self.storage_options)
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -215,3 +219,10 @@ def open_dataset(path_or_url: str | os.PathLike, *, storage_options: dict | None
     ds = Dataset(root, card, table, storage_options, cache)
     log.debug("opened %r", ds)
     return ds
+
+
+def as_dataset(dataset: str | os.PathLike | Dataset, storage_options: dict | None = None) -> Dataset:
+    """``dataset`` itself when already open, else ``open_dataset(dataset, storage_options=...)``."""
+    if isinstance(dataset, Dataset):
+        return dataset
+    return open_dataset(dataset, storage_options=storage_options)

@@ -12,6 +12,7 @@ from collections import Counter
 from typing import Any
 
 from .card import LABEL_PREFIX
+from .cli import add_storage_options
 from .format import REJECTS_NAME
 
 log = logging.getLogger(__name__)
@@ -20,15 +21,15 @@ MODALITIES = ("image", "audio", "text")
 TOP_IMAGE_SIZES = 5
 
 
-def dataset_info(path: str) -> dict[str, Any]:
+def dataset_info(dataset) -> dict[str, Any]:
     """Summarise a dataset as plain JSON values: totals, per split coverage, labels and media sizes, rejects.
 
     Counts come from ``index.parquet`` (one row per sample); shard sizes and rejects from ``dataset.json``
     (``rejects.jsonl`` when the card has no reject counts).
     """
-    from .dataset import open_dataset
+    from .dataset import as_dataset
 
-    ds = open_dataset(path)
+    ds = as_dataset(dataset)
     card = ds.card
     splits: dict[str, Any] = {}
     for name, split in card.splits.items():
@@ -47,7 +48,7 @@ def dataset_info(path: str) -> dict[str, Any]:
     counts = card.counts or {}
     rejected = counts.get("rejected")
     if rejected is None:
-        rejected = dict(Counter(r.get("reason", "?") for r in read_rejects(ds.root)))
+        rejected = dict(Counter(r.get("reason", "?") for r in read_rejects(ds)))
     return {
         "path": ds.root,
         "format_version": card.format_version,
@@ -63,15 +64,13 @@ def dataset_info(path: str) -> dict[str, Any]:
     }
 
 
-def read_rejects(root: str) -> list[dict[str, Any]]:
-    """The lines of ``rejects.jsonl`` under ``root`` (empty when the file is absent)."""
-    import fsspec
-
+def read_rejects(ds) -> list[dict[str, Any]]:
+    """The lines of the dataset's ``rejects.jsonl`` (empty when the file is absent)."""
     try:
-        with fsspec.open(f"{root.rstrip('/')}/{REJECTS_NAME}", "rt", encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+        text = ds.read(REJECTS_NAME).decode("utf-8")
     except FileNotFoundError:
         return []
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def _coverage(rows: dict[str, list]) -> dict[str, dict[str, float]]:
@@ -194,9 +193,15 @@ def _fmt(v) -> str:
 def add_arguments(p) -> None:
     p.add_argument("dataset", help="dataset folder or fsspec URL (s3://..., file://...)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_storage_options(p)
 
 
 def run(args) -> int:
-    info = dataset_info(args.dataset)
-    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    from .dataset import open_dataset
+
+    info = dataset_info(open_dataset(args.dataset, storage_options=args.storage_options))
+    if args.json:
+        print(json.dumps(info, indent=2))
+    elif not args.quiet:
+        print(format_info(info))
     return 0

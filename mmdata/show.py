@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from .cli import add_storage_options
 from .errors import ConfigError
 from .format import AUDIO_EXTS, IMAGE_EXTS, META_EXT, TEXT_EXT
 
@@ -145,7 +146,7 @@ def augmented(ds, shown: list[Shown], cfg_dict: dict[str, Any], seed: int) -> tu
     return images, feats(before), feats(after)
 
 
-def contact_sheet(path: str, split: str, n: int = 8, seed: int = 0, augment: dict[str, Any] | None = None):
+def contact_sheet(dataset, split: str, n: int = 8, seed: int = 0, augment: dict[str, Any] | None = None):
     """Draw ``n`` samples of ``split``, one row each; return the matplotlib Figure.
 
     Columns: image, waveform, log-mel, then text, key and labels. With ``augment`` (an AugmentConfig dict)
@@ -156,9 +157,9 @@ def contact_sheet(path: str, split: str, n: int = 8, seed: int = 0, augment: dic
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .dataset import open_dataset
+    from .dataset import as_dataset
 
-    ds = open_dataset(path)
+    ds = as_dataset(dataset)
     shown = pick_samples(ds, split, n, seed)
     rate = ds.card.modalities.get("audio", {}).get("sample_rate") or 16000
     mels = log_mel([s.audio for s in shown], rate)
@@ -257,13 +258,13 @@ def _text(ax, s: Shown) -> None:
             transform=ax.transAxes)
 
 
-def rejects_table(path: str) -> str:
-    """The rejects of a dataset as an aligned table, with a count per reason."""
-    from .dataset import open_dataset
+def rejects_table(dataset) -> str:
+    """The rejects of a dataset (a path or an open Dataset) as an aligned table, with a count per reason."""
+    from .dataset import as_dataset
     from .info import read_rejects, table
 
-    ds = open_dataset(path)
-    rejects = read_rejects(ds.root)
+    ds = as_dataset(dataset)
+    rejects = read_rejects(ds)
     if not rejects:
         return f"no rejects: every one of the {ds.card.counts.get('input', '?')} input records is in the dataset"
     from collections import Counter
@@ -307,20 +308,20 @@ def add_arguments(p) -> None:
     p.add_argument("--augment", metavar="CONFIG", help="YAML with an 'augment:' section: show before and after")
     p.add_argument("--dpi", type=int, default=110)
     p.add_argument("--rejects", action="store_true", help="print the rejects table instead of drawing")
+    add_storage_options(p)
 
 
 def run(args) -> int:
-    if args.rejects:
-        print(rejects_table(args.dataset))
-        return 0
-    split = args.split
-    if split is None:
-        from .dataset import open_dataset
+    from .dataset import open_dataset
 
-        splits = open_dataset(args.dataset).splits
-        split = "train" if "train" in splits else splits[0]
+    ds = open_dataset(args.dataset, storage_options=args.storage_options)
+    if args.rejects:
+        print(rejects_table(ds))
+        return 0
+    split = args.split or ("train" if "train" in ds.splits else ds.splits[0])
     augment = read_augment_config(args.augment) if args.augment else None
-    fig = contact_sheet(args.dataset, split, n=args.n, seed=args.seed, augment=augment)
+    fig = contact_sheet(ds, split, n=args.n, seed=args.seed, augment=augment)
     fig.savefig(args.output, dpi=args.dpi)
-    print(f"wrote {args.output}: {len(fig.axes)} panels")
+    if not args.quiet:
+        print(f"wrote {args.output}: {len(fig.axes)} panels")
     return 0

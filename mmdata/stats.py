@@ -10,6 +10,7 @@ import logging
 import numpy as np
 
 from .card import LABEL_PREFIX
+from .cli import add_storage_options
 
 log = logging.getLogger(__name__)
 
@@ -18,7 +19,7 @@ MAX_CLASSES_SHOWN = 40  # a task with more classes shows its most frequent ones
 TOP_IMAGE_SIZES = 12
 
 
-def stats_figure(path: str, columns: int = 3):
+def stats_figure(dataset, columns: int = 3):
     """Plot the dataset's statistics; return the matplotlib Figure (one axes per panel).
 
     Panels: one per task (label counts by class, bars grouped by split; a histogram for regression),
@@ -30,9 +31,9 @@ def stats_figure(path: str, columns: int = 3):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .dataset import open_dataset
+    from .dataset import as_dataset
 
-    ds = open_dataset(path)
+    ds = as_dataset(dataset)
     splits = ds.splits
     data = {s: ds.index(s).to_pydict() for s in splits}
     panels = [("task", t) for t in ds.tasks]
@@ -159,10 +160,14 @@ def add_arguments(p) -> None:
     p.add_argument("-o", "--output", default="stats.png", help="PNG to write (default stats.png)")
     p.add_argument("--columns", type=int, default=3, help="panels per row (default 3)")
     p.add_argument("--dpi", type=int, default=110)
+    add_storage_options(p)
 
 
 def run(args) -> int:
-    fig = stats_figure(args.dataset, columns=args.columns)
+    from .dataset import open_dataset
+
+    fig = stats_figure(open_dataset(args.dataset, storage_options=args.storage_options), columns=args.columns)
     fig.savefig(args.output, dpi=args.dpi)
-    print(f"wrote {args.output}: {len(fig.axes)} panels")
+    if not args.quiet:
+        print(f"wrote {args.output}: {len(fig.axes)} panels")
     return 0

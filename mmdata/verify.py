@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .card import LABEL_PREFIX
+from .cli import add_storage_options
 from .format import AUDIO_EXTS, BLOCK, IMAGE_EXTS, KEY_RE, MEMBER_ORDER, META_EXT, TEXT_EXT
 
 log = logging.getLogger(__name__)
@@ -43,9 +44,11 @@ class ShardJob:
     sha256: str
     rows: tuple[dict[str, Any], ...]  # key, offset, size, image_width, image_height, label:<task>...
     decode: bool
+    storage_options: dict[str, Any] | None = None  # fsspec options for a URL
 
 
-def verify_dataset(path: str, decode: bool = False, workers: int = 1, progress: bool = True) -> list[Failure]:
+def verify_dataset(path: str, decode: bool = False, workers: int = 1, progress: bool = True,
+                   storage_options: dict[str, Any] | None = None) -> list[Failure]:
     """Check every shard against the card and index; return the failures (empty when all holds)."""
     from tqdm.auto import tqdm
 
@@ -55,7 +58,7 @@ def verify_dataset(path: str, decode: bool = False, workers: int = 1, progress: 
         from .errors import ConfigError
 
         raise ConfigError(f"workers must be positive, got {workers}")
-    ds = open_dataset(path)
+    ds = open_dataset(path, storage_options=storage_options)
     index = ds.index().to_pylist()
     failures: list[Failure] = []
     card_files = {s.file: split for split, info in ds.card.splits.items() for s in info.shards}
@@ -71,10 +74,11 @@ def verify_dataset(path: str, decode: bool = False, workers: int = 1, progress: 
     for key, n in Counter(r["key"] for r in index).items():
         if n > 1:
             failures.append(Failure("index.parquet", key, f"key appears in {n} index rows; keys must be unique"))
-    for stray in _tar_files(ds.root) - set(card_files):
+    for stray in _tar_files(ds.root, storage_options) - set(card_files):
         failures.append(Failure(stray, None, "tar file in the dataset folder is not listed in dataset.json; "
                                              "remove it or rebuild"))
-    jobs = [ShardJob(ds.url(s.file), s.file, s.samples, s.bytes, s.sha256, tuple(rows_of[s.file]), decode)
+    jobs = [ShardJob(ds.url(s.file), s.file, s.samples, s.bytes, s.sha256, tuple(rows_of[s.file]), decode,
+                     storage_options)
             for info in ds.card.splits.values() for s in info.shards]
     keys_seen: dict[str, str] = {}
     bar = tqdm(total=len(jobs), unit="shard", desc="verify", disable=not progress)
@@ -93,11 +97,11 @@ def verify_dataset(path: str, decode: bool = False, workers: int = 1, progress: 
     return failures
 
 
-def _tar_files(root: str) -> set[str]:
+def _tar_files(root: str, storage_options: dict[str, Any] | None = None) -> set[str]:
     """Names of the ``*.tar`` files directly under ``root`` (local or fsspec)."""
     import fsspec
 
-    fs, path = fsspec.core.url_to_fs(root)
+    fs, path = fsspec.core.url_to_fs(root, **(storage_options or {}))
     try:
         return {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.glob(f"{path.rstrip('/')}/*.tar")}
     except (FileNotFoundError, NotImplementedError):
@@ -124,7 +128,7 @@ def check_shard(job: ShardJob) -> tuple[list[Failure], list[str]]:
         fail.append(Failure(job.file, key, what))
 
     try:
-        data = _read(job.url)
+        data = _read(job.url, job.storage_options)
     except FileNotFoundError:
         bad(None, f"shard file is missing ({job.url}); the card lists it with {job.samples} samples")
         return fail, [r["key"] for r in job.rows]  # its keys are still claimed, so no false duplicates
@@ -169,10 +173,10 @@ def check_shard(job: ShardJob) -> tuple[list[Failure], list[str]]:
     return fail, [s["key"] for s in samples]
 
 
-def _read(url: str) -> bytes:
+def _read(url: str, storage_options: dict[str, Any] | None = None) -> bytes:
     import fsspec
 
-    with fsspec.open(url, "rb") as f:  # plain paths and file:// too
+    with fsspec.open(url, "rb", **(storage_options or {})) as f:  # plain paths and file:// too
         return f.read()
 
 
@@ -289,16 +293,25 @@ def add_arguments(p) -> None:
     p.add_argument("--decode", action="store_true", help="also decode every member and compare with the index")
     p.add_argument("--workers", type=int, default=1, help="shards checked in parallel processes (default 1)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    p.add_argument("--json", action="store_true", help="print the result as JSON: ok, and every failure with "
+                   "shard, key and reason")
+    add_storage_options(p)
 
 
 def run(args) -> int:
-    failures = verify_dataset(args.dataset, decode=args.decode, workers=args.workers, progress=args.progress)
-    if not failures:
-        print(f"ok: {args.dataset} holds what its card and index say" + (" (every member decodes)"
-                                                                          if args.decode else ""))
-        return 0
-    from .info import table
+    failures = verify_dataset(args.dataset, decode=args.decode, workers=args.workers,
+                              progress=args.progress and not args.quiet, storage_options=args.storage_options)
+    if args.json:
+        print(json.dumps({"dataset": args.dataset, "ok": not failures, "decoded": args.decode,
+                          "failures": [{"shard": f.shard, "key": f.key, "reason": f.what} for f in failures]},
+                         indent=2, ensure_ascii=False))
+    elif not failures:
+        if not args.quiet:
+            print(f"ok: {args.dataset} holds what its card and index say" + (" (every member decodes)"
+                                                                              if args.decode else ""))
+    else:
+        from .info import table
 
-    print(f"{len(failures)} failure(s) in {args.dataset}:")
-    print("\n".join(table(["shard", "key", "what"], [[f.shard, f.key or "-", f.what] for f in failures])))
-    return 1
+        print(f"{len(failures)} failure(s) in {args.dataset}:")
+        print("\n".join(table(["shard", "key", "what"], [[f.shard, f.key or "-", f.what] for f in failures])))
+    return 1 if failures else 0

@@ -14,7 +14,10 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return make_parser("mtml", "Train and evaluate multi-task fusion models on mmdata datasets.", COMMANDS)
+    from mmdata import __version__
+
+    return make_parser("mtml", "Train and evaluate multi-task fusion models on mmdata datasets.", COMMANDS,
+                       __version__)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,7 @@ from conftest import audio_bytes, image_bytes
 
 from mmdata.build import BuildConfig, build_dataset
 from mmdata.cli import main
+from mmdata.errors import RejectThresholdError
 from mmdata.format import KEY_RE
 
 
@@ -93,7 +94,9 @@ def bad_corpus(tmp_path) -> tuple[Path, dict[str, str | None]]:
 def test_every_bad_record_is_rejected_with_its_reason(bad_corpus, tmp_path):
     manifest, expect = bad_corpus
     cfg = BuildConfig.from_yaml(tmp_path / "build.yaml")
-    card = build_dataset(manifest, tmp_path / "out", cfg, progress=False)
+    with pytest.raises(RejectThresholdError) as over:  # most rows are bad: past max_reject_fraction
+        build_dataset(manifest, tmp_path / "out", cfg, progress=False)
+    card = over.value.card  # the dataset and its rejects are written all the same
     rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
     n_rows = len(manifest.read_text().splitlines())
     assert card.counts["written"] + len(rejects) == card.counts["input"] == n_rows

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 import time
 
-from .config import BuildConfig
+from ..cli import add_storage_options
+from ..errors import RejectThresholdError
+from .config import BuildConfig, config_keys_help
 from .discover import LAYOUTS
 
 # CLI flag -> config key; a flag overrides --config and --set only when given
@@ -14,6 +18,8 @@ FLAG_KEYS = {"split_by": "split_by", "val": "val", "test": "test", "seed": "seed
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the config key list's layout
+    p.epilog = config_keys_help()
     p.add_argument("source", help="raw folder, manifest file (CSV/JSONL/Parquet), or tar shards (folder/glob/brace)")
     p.add_argument("out", help="output folder or fsspec URL (s3://bucket/ds) for shards, dataset.json, "
                    "index.parquet and rejects.jsonl")
@@ -32,24 +38,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in OUT")
     p.add_argument("--resume", action="store_true", help="continue an interrupted build, keeping finished shards")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON (written, rejected by reason, "
+                   "shards, bytes, seconds, splits) on stdout")
     p.add_argument("--executor", choices=("local", "ray"), default="local",
                    help="run the encoding in a local process pool (default) or as Ray tasks, one per shard")
     p.add_argument("--ray-address", metavar="ADDR", help="Ray cluster to join, e.g. auto or ray://head:10001 "
                    "(default: start a local Ray)")
-    p.add_argument("--storage-options", metavar="JSON", type=_json_object, default=None,
-                   help='fsspec options for URL source/out, e.g. \'{"client_kwargs": {"endpoint_url": "http://..."}}\'')
-
-
-def _json_object(text: str) -> dict:
-    import json
-
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"--storage-options must be a JSON object, got {text!r}: {e}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"--storage-options must be a JSON object, got {text!r}")
-    return value
+    add_storage_options(p, "URL source and out")
 
 
 def config_from_args(args: argparse.Namespace) -> BuildConfig:
@@ -68,22 +63,39 @@ def run(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     t0 = time.perf_counter()
-    card = build_dataset(args.source, args.out, config, layout=args.layout, overwrite=args.overwrite,
-                         progress=not args.no_progress, resume=args.resume,
-                         executor=args.executor, ray_address=args.ray_address, storage_options=args.storage_options)
-    seconds = time.perf_counter() - t0
+    status, error = 0, None
+    try:
+        card = build_dataset(args.source, args.out, config, layout=args.layout, overwrite=args.overwrite,
+                             progress=not (args.no_progress or args.quiet), resume=args.resume,
+                             executor=args.executor, ray_address=args.ray_address,
+                             storage_options=args.storage_options)
+    except RejectThresholdError as e:  # the dataset is written: report it, then fail
+        card, status, error = e.card, e.exit_code, e
+    summary = build_summary(card, args.out, time.perf_counter() - t0)
+    if args.json:
+        print(json.dumps({**summary, "ok": error is None, "error": str(error) if error else None}, indent=2))
+    elif not args.quiet:
+        print(format_summary(summary))
+    if error is not None:
+        print(f"mmdata build: error: {error}", file=sys.stderr)
+    return status
+
+
+def build_summary(card, out: str, seconds: float) -> dict:
+    """What a build wrote, as plain JSON values."""
     counts = card.counts
-    rejected = sum(counts["rejected"].values())
-    shards = sum(len(s.shards) for s in card.splits.values())
-    nbytes = sum(s.num_bytes for s in card.splits.values())
-    print(f"built {args.out}: {counts['written']} written, {rejected} rejected of {counts['input']} "
-          f"records; {shards} shards, {nbytes / 1e6:.1f} MB in {seconds:.1f} s")
-    for name, info in card.splits.items():
-        print(f"  {name}: {info.num_samples} samples in {len(info.shards)} shards")
-    for reason, n in counts["rejected"].items():
-        print(f"  rejected {reason}: {n}")
-    if counts["input"] and rejected / counts["input"] > config.max_reject_fraction:
-        print(f"mmdata build: {rejected / counts['input']:.1%} of the records were rejected, more than "
-              f"max_reject_fraction {config.max_reject_fraction:.1%}; see {args.out.rstrip('/')}/rejects.jsonl")
-        return 1
-    return 0
+    return {
+        "out": str(out), "input": counts["input"], "written": counts["written"],
+        "rejected": {"total": sum(counts["rejected"].values()), "by_reason": dict(counts["rejected"])},
+        "shards": sum(len(s.shards) for s in card.splits.values()),
+        "bytes": sum(s.num_bytes for s in card.splits.values()), "seconds": round(seconds, 3),
+        "splits": {name: {"samples": s.num_samples, "shards": len(s.shards)} for name, s in card.splits.items()},
+    }
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"built {s['out']}: {s['written']} written, {s['rejected']['total']} rejected of {s['input']} "
+             f"records; {s['shards']} shards, {s['bytes'] / 1e6:.1f} MB in {s['seconds']:.1f} s"]
+    lines += [f"  {name}: {v['samples']} samples in {v['shards']} shards" for name, v in s["splits"].items()]
+    lines += [f"  rejected {reason}: {n}" for reason, n in s["rejected"]["by_reason"].items()]
+    return "\n".join(lines)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import textwrap
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -18,44 +19,56 @@ MODALITIES = ("image", "audio", "text")
 RUNTIME_FIELDS = ("workers",)
 
 
+def key(default: Any, doc: str) -> Any:
+    """A config field with its one-line documentation (shown by ``mmdata build --help``)."""
+    return dataclasses.field(default=default, metadata={"doc": doc})
+
+
 @dataclass(frozen=True)
 class BuildConfig:
     """How raw records become a dataset; the resolved form (minus workers) goes into the card."""
 
-    tasks: tuple[Task, ...] = ()  # empty: inferred from the label values
-    required: tuple[str, ...] = ()  # modalities a record must have; a record with none at all is always a reject
+    tasks: tuple[Task, ...] = key((), "label tasks {name: {type, classes, column, dims}}; empty: one task inferred "
+                                     "per label column (strings/ints: classification, floats: regression, lists: "
+                                     "multilabel)")
+    required: tuple[str, ...] = key((), "modalities every record must have, e.g. [image, audio]; a record with no "
+                                        "modality at all is always rejected")
     # manifest / label-table columns
-    id_column: str = "id"
-    split_column: str = "split"
-    image_column: str = "image"
-    audio_column: str = "audio"
-    text_column: str = "text"
-    ignore_columns: tuple[str, ...] = ()  # columns that are neither media nor labels
-    labels_file: str | None = None  # stems layout: label table, relative to the source root
+    id_column: str = key("id", "manifest or label-table column holding each record's id")
+    split_column: str = key("split", "column naming a record's split (train, val/valid/dev, test)")
+    image_column: str = key("image", "manifest column with the image path (relative to the manifest)")
+    audio_column: str = key("audio", "manifest column with the audio path")
+    text_column: str = key("text", "manifest column with the text: a .txt path or the text itself")
+    ignore_columns: tuple[str, ...] = key((), "columns that are neither media nor labels")
+    labels_file: str | None = key(None, "stems layout: the label table, relative to the source root "
+                                        "(default: labels.csv/.jsonl/.parquet if present)")
     # splits
-    split_by: str | None = None
-    val: float = 0.0
-    test: float = 0.0
-    test_groups: tuple[str, ...] = ()
-    seed: int = 0
+    split_by: str | None = key(None, "label column whose values never straddle two splits (e.g. speaker)")
+    val: float = key(0.0, "fraction of records (whole groups with split_by) for the val split")
+    test: float = key(0.0, "fraction of records (whole groups with split_by) for the test split")
+    test_groups: tuple[str, ...] = key((), "values of split_by that make up the test split")
+    seed: int = key(0, "seed of the split assignment and the shard shuffle")
     # shards
-    max_samples: int = 1000
-    max_bytes: int = 256 * 2**20
+    max_samples: int = key(1000, "samples per shard at most")
+    max_bytes: int = key(256 * 2**20, "bytes per shard at most")
     # image
-    image_format: str = "keep"  # keep jpg/png/webp bytes; re-encode anything else to png
-    image_quality: int = 90
-    max_side: int | None = None
-    max_pixels: int = 64_000_000
+    image_format: str = key("keep", "keep jpg/png/webp bytes as they are (anything else becomes png), or "
+                                    "re-encode every image to png, jpg or webp")
+    image_quality: int = key(90, "jpg/webp quality when re-encoding")
+    max_side: int | None = key(None, "downscale images whose longer side exceeds this (pixels)")
+    max_pixels: int = key(64_000_000, "reject images with more pixels than this (too_large)")
     # audio
-    sample_rate: int | None = None  # None: the native rate when all inputs agree, else 16000
-    channels: int = 1
-    audio_format: str = "flac"
-    max_audio_seconds: float = 600.0
+    sample_rate: int | None = key(None, "stored audio rate in Hz; null: the native rate when all inputs agree, "
+                                        "else 16000")
+    channels: int = key(1, "stored audio channels (1 mixes down)")
+    audio_format: str = key("flac", "stored audio format: flac or wav")
+    max_audio_seconds: float = key(600.0, "reject clips longer than this (too_large)")
     # text and files
-    max_file_bytes: int = 256 * 2**20
-    tokenizer_vocab: int = 2000  # 0: no tokenizer
-    max_reject_fraction: float = 0.01
-    workers: int | None = None  # None: CPU count
+    max_file_bytes: int = key(256 * 2**20, "reject input files larger than this (too_large)")
+    tokenizer_vocab: int = key(2000, "vocabulary of the tokenizer trained on the train split's text; 0: none")
+    max_reject_fraction: float = key(0.01, "the build fails (exit 1, dataset still written) when more records "
+                                           "than this fraction are rejected")
+    workers: int | None = key(None, "encoding processes; null: the CPU count (not stored in the card)")
 
     def __post_init__(self) -> None:
         for name in ("max_samples", "max_bytes", "max_pixels", "max_file_bytes", "channels"):
@@ -161,9 +174,20 @@ def _tasks_from(v: Any) -> tuple[Task, ...]:
     raise ConfigError(f"tasks must map task names to {{type, classes, column}}, got {type(v).__name__}")
 
 
+def config_keys_help() -> str:
+    """Every build config key with its default and meaning: the epilog of ``mmdata build --help``."""
+    lines = ["build config keys (YAML file given by --config, or --set KEY=VALUE); see docs/build-config.md:"]
+    for f in fields(BuildConfig):
+        default = f.default
+        shown = "{}" if f.name == "tasks" else "[]" if default == () else "null" if default is None else default
+        lines.append(f"  {f.name} (default {shown})")
+        lines += textwrap.wrap(f.metadata["doc"], 96, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(lines)
+
+
 def replace(config: BuildConfig, **changes: Any) -> BuildConfig:
     """dataclasses.replace, re-running validation."""
     return dataclasses.replace(config, **changes)
 
 
-__all__ = ["BuildConfig", "replace"]
+__all__ = ["BuildConfig", "config_keys_help", "replace"]

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..card import LABEL_PREFIX, Card, SplitInfo
-from ..errors import ConfigError
+from ..errors import ConfigError, RejectThresholdError
 from ..format import CARD_NAME, INDEX_NAME, REJECTS_NAME, TOKENIZER_DIR, sample_block
 from ..storage import atomic_write
 from ..tasks import Task
@@ -35,6 +35,9 @@ def build_dataset(source: str | Path, out: str | Path, config: BuildConfig | Non
                   overwrite: bool = False, progress: bool = True, resume: bool = False, executor: str = "local",
                   ray_address: str | None = None, storage_options: dict[str, Any] | None = None) -> Card:
     """Build a sharded dataset in ``out`` from ``source``; return its card. Every record is written or rejected.
+
+    Past ``config.max_reject_fraction`` the dataset and ``rejects.jsonl`` are still written, then
+    ``RejectThresholdError`` is raised (its ``card`` says what was built).
 
     ``source`` and ``out`` may be fsspec URLs (``s3://bucket/ds``; ``storage_options`` reach the filesystem).
     A remote source is fetched to a local temporary folder first. A remote ``out`` is committed card-last
@@ -70,7 +73,19 @@ def build_dataset(source: str | Path, out: str | Path, config: BuildConfig | Non
             pool.close()
         if remote_out:
             publish(work, dest)
-        return card
+    _check_reject_fraction(card, config.max_reject_fraction, out)
+    return card
+
+
+def _check_reject_fraction(card: Card, limit: float, out: str | Path) -> None:
+    """Raise RejectThresholdError (the dataset and rejects.jsonl are written) past ``max_reject_fraction``."""
+    counts = card.counts
+    rejected = sum(counts["rejected"].values())
+    if counts["input"] and rejected / counts["input"] > limit:
+        raise RejectThresholdError(
+            f"{rejected} of {counts['input']} records ({rejected / counts['input']:.1%}) were rejected, more than "
+            f"max_reject_fraction {limit:.1%}; the dataset is written: see {str(out).rstrip('/')}/{REJECTS_NAME} "
+            "for why, fix the input or raise max_reject_fraction", card)
 
 
 def _prepare_remote(dest, *, overwrite: bool) -> None:
@@ -284,9 +299,6 @@ def _finish(out: Path, config: BuildConfig, resolved: dict[str, Any], tasks: tup
     atomic_write(out / REJECTS_NAME, lines.encode("utf-8"))
     atomic_write(out / CARD_NAME, card.to_json().encode("utf-8"))
     os.remove(out / JOURNAL)
-    if num_input and len(rejects) / num_input > config.max_reject_fraction:
-        log.warning("rejected %d of %d records (%.1f%%) > max_reject_fraction %.1f%%; see %s", len(rejects),
-                    num_input, 100 * len(rejects) / num_input, 100 * config.max_reject_fraction, REJECTS_NAME)
     return card
 
 
