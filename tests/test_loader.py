@@ -232,9 +232,8 @@ def test_memory_url_reads_like_local(tiny):
     fs = fsspec.filesystem("memory")
     for name in os.listdir(tiny):
         if os.path.isfile(os.path.join(tiny, name)):
-            fs.pipe(f"/tinyds/{name}", open(os.path.join(tiny, name), "rb").read())
-    fs.pipe(f"/tinyds/{TOKENIZER_DIR}/tokenizer.json", open(os.path.join(tiny, TOKENIZER_DIR, "tokenizer.json"),
-                                                            "rb").read())
+            fs.pipe(f"/tinyds/{name}", Path(tiny, name).read_bytes())
+    fs.pipe(f"/tinyds/{TOKENIZER_DIR}/tokenizer.json", Path(tiny, TOKENIZER_DIR, "tokenizer.json").read_bytes())
     kw = dict(batch_size=4, seed=3)
     remote, local = list(make_loader("memory://tinyds", "train", **kw)), list(make_loader(tiny, "train", **kw))
     assert [b.keys for b in remote] == [b.keys for b in local]
