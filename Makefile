@@ -2,12 +2,23 @@ PY := .venv/bin/python
 PIP := .venv/bin/pip
 PYTEST_MARK := $(shell $(PY) -c "import torch; print('' if torch.cuda.is_available() else 'not gpu')" 2>/dev/null || echo "not gpu")
 
-.PHONY: demo test bench bench-models lint clean
+.PHONY: demo test bench bench-models lint clean lock
 
-.venv/installed: pyproject.toml constraints.txt
+LOCK := requirements.lock
+
+# Every dependency at the version requirements.lock pins: pip checks pins instead of resolving ranges.
+.venv/installed: pyproject.toml constraints.txt $(LOCK)
 	test -d .venv || python3 -m venv .venv
-	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	$(PIP) install -q -c constraints.txt -c $(LOCK) -e '.[dev]'
 	touch $@
+
+# Resolve pyproject.toml's ranges afresh (under constraints.txt) in a scratch venv and pin every package.
+lock:
+	rm -rf .venv-lock && python3 -m venv .venv-lock
+	.venv-lock/bin/pip install -q -c constraints.txt -e '.[dev]'
+	{ echo "# Every package of '.[dev]' at one resolved version; regenerate with: make lock"; \
+	  .venv-lock/bin/pip freeze --exclude-editable; } > $(LOCK)
+	rm -rf .venv-lock
 
 test: .venv/installed
 	$(PY) -m pytest -q -m "$(PYTEST_MARK)" --timeout 300
