@@ -78,7 +78,7 @@ class Decoder:
             if spec.tasks:
                 meta = json.loads(members[META_EXT]) if META_EXT in members else {}
                 stored = meta.get("labels") or {}
-                s.labels = {t.name: stored.get(t.name) for t in spec.tasks}
+                s.labels = {t.name: stored_label(t, stored.get(t.name)) for t in spec.tasks}
         except DecodeError:
             raise
         except Exception as e:  # any decoder failure becomes one error type naming the sample
@@ -91,6 +91,28 @@ class Decoder:
         if self._tok is None:
             self._tok = load_tokenizer(self._tokenizer_json)
         return encode(self._tok, text, self.spec.max_text_tokens)
+
+
+def stored_label(task: Task, value: Any) -> Any:
+    """``value`` when it is a stored label of ``task`` (or None); ValueError naming the task otherwise.
+
+    The shard's json is not trusted: a class index out of range or a string would fail collate for the
+    whole batch, where it must fail (or skip) only its sample.
+    """
+    if value is None:
+        return None
+    n = len(task.classes)
+    if task.type == "classification":
+        ok = type(value) is int and 0 <= value < n
+    elif task.type == "multilabel":
+        ok = isinstance(value, list) and all(type(v) is int and 0 <= v < n for v in value)
+    else:
+        values = value if isinstance(value, list) else [value]
+        ok = len(values) == task.dims and all(type(v) in (int, float) and np.isfinite(v) for v in values)
+    if not ok:
+        want = f"{task.dims} finite numbers" if task.type == "regression" else f"class indices below {n}"
+        raise ValueError(f"label {task.name!r} is {value!r}, not a stored {task.type} label ({want})")
+    return value
 
 
 def decode_image(data: bytes, size: tuple[int, int] | None) -> torch.Tensor:

@@ -13,12 +13,14 @@ from typing import Any
 
 from .card import LABEL_PREFIX
 from .cli import add_storage_options
+from .errors import SchemaError
 from .format import REJECTS_NAME
 
 log = logging.getLogger(__name__)
 
 MODALITIES = ("image", "audio", "text")
 TOP_IMAGE_SIZES = 5
+MAX_REJECTS_BYTES = 1 << 30  # millions of rejects; past this rejects.jsonl is not read into memory
 
 
 def dataset_info(dataset) -> dict[str, Any]:
@@ -48,7 +50,7 @@ def dataset_info(dataset) -> dict[str, Any]:
     counts = card.counts or {}
     rejected = counts.get("rejected")
     if rejected is None:
-        rejected = dict(Counter(r.get("reason", "?") for r in read_rejects(ds)))
+        rejected = dict(Counter(str(r.get("reason", "?")) for r in read_rejects(ds)))
     return {
         "path": ds.root,
         "format_version": card.format_version,
@@ -67,10 +69,23 @@ def dataset_info(dataset) -> dict[str, Any]:
 def read_rejects(ds) -> list[dict[str, Any]]:
     """The lines of the dataset's ``rejects.jsonl`` (empty when the file is absent)."""
     try:
-        text = ds.read(REJECTS_NAME).decode("utf-8")
+        text = ds.read(REJECTS_NAME, MAX_REJECTS_BYTES).decode("utf-8")
     except FileNotFoundError:
         return []
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except UnicodeDecodeError as e:
+        raise SchemaError(f"{REJECTS_NAME} is not UTF-8 text ({e}); rebuild the dataset") from None
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SchemaError(f"{REJECTS_NAME} line {n} is not JSON ({e}); rebuild the dataset") from None
+        if not isinstance(r, dict):
+            raise SchemaError(f"{REJECTS_NAME} line {n} is not a JSON object; rebuild the dataset")
+        out.append(r)
+    return out
 
 
 def _coverage(rows: dict[str, list]) -> dict[str, dict[str, float]]:
@@ -91,7 +106,13 @@ def _label_counts(task, values: list) -> dict[str, Any]:
     else:
         out = dict.fromkeys(task.classes, 0)
         for v in values:
-            for i in ([v] if task.type == "classification" else v) if v is not None else ():
+            indices = [] if v is None else [v] if task.type == "classification" else v
+            if not isinstance(indices, list) or not all(type(i) is int and 0 <= i < len(task.classes)
+                                                        for i in indices):
+                raise SchemaError(f"index.parquet column {LABEL_PREFIX + task.name!r} holds {v!r}, not a stored "
+                                  f"{task.type} label of task {task.name!r} (class indices below "
+                                  f"{len(task.classes)}); rebuild the dataset")
+            for i in indices:
                 out[task.classes[i]] += 1
     out["missing"] = missing
     return out
@@ -118,7 +139,8 @@ def _image_sizes(rows: dict[str, list]) -> dict[str, Any]:
 
 
 def format_info(info: dict[str, Any]) -> str:
-    """Render ``dataset_info`` as aligned plain-text tables."""
+    """Render ``dataset_info`` as aligned plain-text tables (every string from the dataset escaped)."""
+    info = escaped(info)
     splits = list(info["splits"])
     out = [f"dataset  {info['path']}  (format {info['format_version']}, mmdata {info['tool_version']})"]
     rej = info["rejected"]["total"]
@@ -161,9 +183,32 @@ def format_info(info: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def printable(value: Any) -> str:
+    """``str(value)`` safe for a terminal: control and other unprintable characters written as in a repr.
+
+    Ids, labels and names come from files anyone can write; an ANSI escape (``\\x1b[2J``) or a newline
+    in them must show as text, not act on the terminal or break a table.
+    """
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def escaped(value: Any) -> Any:
+    """``value`` (plain JSON values) with every string, keys included, made ``printable``."""
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, dict):
+        return {escaped(k): escaped(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [escaped(v) for v in value]
+    return value
+
+
 def table(header: list[str], rows: list[list]) -> list[str]:
-    """Lines of a table: columns of numbers right-aligned, the others left-aligned."""
-    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+    """Lines of a table: columns of numbers right-aligned, the others left-aligned; cells ``printable``."""
+    cells = [[printable(c) for c in header]] + [[printable(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     numeric = [i > 0 and all(r[i][:1].isdigit() or r[i] == "-" for r in cells[1:]) for i in range(len(header))]
     lines = ["  ".join(c.rjust(w) if numeric[i] else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()

@@ -30,9 +30,9 @@ from .batch import MODALITIES, Batch
 from .collate import collate
 from .dataset import Dataset
 from .decode import Decoder, DecodeSpec
-from .errors import ConfigError, MmdataError
+from .errors import ConfigError, MmdataError, SchemaError
 from .order import PlanConfig, World, batches_per_rank, slot_plan
-from .reader import ShardReader, read_stream
+from .reader import ShardReader, read_stream, sample_error
 
 log = logging.getLogger(__name__)
 
@@ -129,15 +129,23 @@ class BatchStream(torch.utils.data.IterableDataset):
                         samples.append(self.decoder(key, got, salt=f"{cfg.seed}:{self.epoch}"))
                         continue
                     except MmdataError as e:
-                        got = e
+                        got = _in_sample(e, file, key, int(idx.offset[s]))
                 if self.on_error == "raise":
-                    raise type(got)(f"shard {file!r}, sample {key!r}: {got}") from None
+                    raise got  # the reader's errors already name shard, key and byte offset
                 skipped.append((file, key, str(got)))
                 if file not in logged:
                     logged.add(file)
                     log.warning("skipping unreadable samples of shard %r (first: %r: %s)", file, key, got)
             a += size
             yield collate(samples, self.decoder.spec), skipped
+
+
+def _in_sample(e: MmdataError, file: str, key: str, offset: int) -> MmdataError:
+    """A decoder's error said in the reader's form: shard, key and byte offset once, then what failed."""
+    what = str(e)
+    for prefix in (f"sample {key!r}: ", f"sample {key!r} "):  # the decoder names the key; say it once
+        what = what.removeprefix(prefix)
+    return sample_error(type(e), file, key, offset, what)
 
 
 class Loader:
@@ -266,11 +274,33 @@ def make_loader(dataset: Dataset | str, split: str, *, batch_size: int, num_work
     tok = None
     if "text" in spec.modalities:
         tok = _tokenizer_bytes(config.tokenizer) if config.tokenizer else dataset.tokenizer_json
+    _check_index(dataset, split, on_error)
     loader = Loader(dataset, split, Decoder(spec, tok), cfg, rank, world_size, num_workers, on_error, config)
     if len(loader) == 0:
         log.warning("split %r gives 0 batches per rank (%d samples, world size %d, batch size %d, drop_last %s)",
                     split, dataset.num_samples(split), world_size, batch_size, drop_last)
     return loader
+
+
+def _check_index(dataset: Dataset, split: str, on_error: str) -> None:
+    """Refuse, before any read, an index whose byte ranges cannot be right; with "skip" say what is skipped.
+
+    Overlapping rows are not refused under "skip": which of two is wrong shows only when each is read
+    alone and parsed, so the reader fails that one and keeps the other.
+    """
+    idx = dataset.split_index(split)
+    if on_error == "raise":
+        if idx.problems:
+            e = idx.row_error(min(idx.problems))
+            more = f" ({len(idx.problems) - 1} more such rows)" if len(idx.problems) > 1 else ""
+            raise SchemaError(f"{e}{more}, or pass on_error='skip' to leave such samples out")
+        overlaps = idx.overlaps()
+        if overlaps:
+            raise SchemaError(f"{idx.overlap_error(*overlaps[0])}, or pass on_error='skip' to leave out the "
+                              "samples that do not read back")
+    elif idx.problems:
+        log.warning("on_error='skip': %d sample(s) of split %r will be skipped for their index rows",
+                    len(idx.problems), split)
 
 
 def _tokenizer_bytes(path: str) -> bytes:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections import OrderedDict
 from collections.abc import Iterator
 
 import numpy as np
 
 from .dataset import Dataset, SplitIndex, _local, is_url
-from .errors import CorruptShardError
+from .errors import CorruptShardError, MmdataError
 from .format import group_samples, parse_members
+from .storage import open_regular
 
 log = logging.getLogger(__name__)
 
@@ -28,18 +30,28 @@ class ShardReader:
         self.split = split
         self.index: SplitIndex = dataset.split_index(split)
         self._fds: OrderedDict[int, int] = OrderedDict()  # shard -> descriptor, least recent first
+        self._sizes: dict[int, int] = {}  # shard -> bytes of the file opened for it
         self._remote = is_url(dataset.root)
         self._fs = None
 
     def read_range(self, shard: int, start: int, length: int) -> bytes:
-        """``length`` bytes of shard ``shard`` from ``start``; CorruptShardError when missing or short."""
+        """At most ``length`` bytes of shard ``shard`` from ``start``: fewer where the file ends sooner.
+
+        Never reads past the shard's size in dataset.json. CorruptShardError when the shard is missing,
+        unreadable, or (locally) not a regular file inside the dataset folder.
+        """
         file = self.index.files[shard]
+        limit = self.index.shard_bytes[shard] if self.index.shard_bytes else None
+        if start < 0 or length < 0 or (limit is not None and start + length > limit):
+            raise CorruptShardError(f"shard {file!r}: bytes {start}..{start + length} are outside the shard's "
+                                    f"{limit} bytes in dataset.json; rebuild the dataset")
         path = self.dataset.url(file)
         try:
             if self._remote and self.dataset.cache is None:
-                data = self._fs_cat(path, start, start + length)
-            else:
-                data = os.pread(self._fd(shard, path), length, start)
+                return self._fs_cat(path, start, start + length)
+            fd = self._fd(shard, path)
+            # pread allocates ``length`` first: never more than the file holds, whatever the card says
+            return os.pread(fd, max(0, min(length, self._sizes[shard] - start)), start)
         except FileNotFoundError:
             raise CorruptShardError(f"shard {file!r} is missing from {self.dataset.root!r}; restore it or "
                                     "rebuild the dataset with `mmdata build`") from None
@@ -47,10 +59,6 @@ class ShardReader:
             if isinstance(e, CorruptShardError):
                 raise
             raise CorruptShardError(f"shard {file!r} cannot be read: {e}") from None
-        if len(data) < length:
-            raise CorruptShardError(f"shard {file!r} is truncated: the index expects bytes {start}..{start + length}"
-                                    f" but the file ends at {start + len(data)}; rebuild the dataset")
-        return data
 
     def _fd(self, shard: int, path: str) -> int:
         fd = self._fds.get(shard)
@@ -60,12 +68,13 @@ class ShardReader:
         if len(self._fds) >= MAX_OPEN:
             os.close(self._fds.popitem(last=False)[1])
         fd = self._fds[shard] = self._open(shard, path)
+        self._sizes[shard] = os.fstat(fd).st_size
         return fd
 
     def _open(self, shard: int, path: str) -> int:
         """A descriptor of a local shard, or of the cached local copy of a remote one."""
-        if not self._remote:
-            return os.open(_local(path), os.O_RDONLY)
+        if not self._remote:  # only a regular file inside the dataset folder: no FIFO, device or link out
+            return open_regular(_local(self.dataset.root), self.index.files[shard])[0]
         from .cache import ShardCache
         from .storage import with_retries
 
@@ -95,56 +104,82 @@ class ShardReader:
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_fds"] = OrderedDict()  # file descriptors never cross a process boundary
+        state["_sizes"] = {}
         state["_fs"] = None
         return state
 
 
-def parse_sample(data: bytes | memoryview, file: str, key: str) -> dict[str, bytes]:
-    """Members {ext: bytes} of one sample's byte range; CorruptShardError naming shard and key."""
+def sample_error(cls: type[MmdataError], file: str, key: str, offset: int, what: str) -> MmdataError:
+    """The one form of a sample's error: the shard, the key and the absolute byte offset, then what."""
+    return cls(f"shard {file!r}, sample {key!r} at byte {offset}: {what}")
+
+
+_AT_BYTE = re.compile(r"at byte (\d+)")
+
+
+def parse_sample(data: bytes | memoryview, file: str, key: str, offset: int = 0) -> dict[str, bytes]:
+    """Members {ext: bytes} of one sample's byte range, read from byte ``offset`` of shard ``file``.
+
+    CorruptShardError naming shard, key and the absolute byte offset of what is wrong.
+    """
     try:
         groups = list(group_samples(parse_members(data)))
     except (ValueError, UnicodeDecodeError) as e:
-        raise CorruptShardError(f"shard {file!r}, sample {key!r}: {e}; rebuild the dataset") from None
+        # parse_members counts bytes from the start of ``data``; the message gives them in the shard
+        what = _AT_BYTE.sub(lambda m: f"at byte {offset + int(m.group(1))}", str(e))
+        raise sample_error(CorruptShardError, file, key, offset, f"{what}; rebuild the dataset") from None
     if len(groups) != 1 or groups[0][0] != key:
         found = [g[0] for g in groups]
-        raise CorruptShardError(f"shard {file!r}: the index puts sample {key!r} at this offset but the bytes "
-                                f"hold {found}; the index and shard disagree, rebuild the dataset")
+        raise sample_error(CorruptShardError, file, key, offset, f"the bytes there hold samples {found}, not "
+                           f"{key!r}; the index and shard disagree, rebuild the dataset")
     return groups[0][1]
 
 
 def read_stream(reader: ShardReader, samples: np.ndarray) -> Iterator[tuple[int, dict[str, bytes] | Exception]]:
     """Yield (position, members or the error) for sample numbers ``samples`` (n,), reading adjacent ones at once.
 
-    A failure is yielded, not raised, so the caller decides between raising and skipping; a range
-    that cannot be read fails each of its samples.
+    A failure is yielded, not raised, so the caller decides between raising and skipping. A row whose
+    byte range the index gets wrong (``SplitIndex.problems``) fails alone and is never read; only rows
+    that are back to back in one shard share a read, so rows that overlap never do, and a read that the
+    file's end cuts short fails only the samples past that end.
     """
     idx = reader.index
     n = len(samples)
     i = 0
     while i < n:
-        # grow a run of samples that are back to back in one shard
         first = int(samples[i])
+        if first in idx.problems:
+            yield i, idx.row_error(first)
+            i += 1
+            continue
+        # grow a run of good samples that are back to back in one shard
         shard, start = int(idx.shard[first]), int(idx.offset[first])
         end = start + int(idx.size[first])
         j = i + 1
         while j < n and end - start < CHUNK_BYTES:
             s = int(samples[j])
-            if int(idx.shard[s]) != shard or int(idx.offset[s]) != end:
+            if s in idx.problems or int(idx.shard[s]) != shard or int(idx.offset[s]) != end:
                 break
             end += int(idx.size[s])
             j += 1
         try:
-            chunk = memoryview(reader.read_range(shard, start, end - start))
+            data = reader.read_range(shard, start, end - start)
         except CorruptShardError as e:
             for p in range(i, j):
                 yield p, e
             i = j
             continue
+        chunk, file = memoryview(data), idx.files[shard]
         for p in range(i, j):
             s = int(samples[p])
-            a = int(idx.offset[s]) - start
+            off, size, key = int(idx.offset[s]), int(idx.size[s]), str(idx.keys[s])
+            if off + size > start + len(data):
+                yield p, sample_error(CorruptShardError, file, key, off, f"the file ends at byte "
+                                      f"{start + len(data)}, before the sample's end at byte {off + size}: the "
+                                      "shard is truncated, rebuild the dataset")
+                continue
             try:
-                yield p, parse_sample(chunk[a:a + int(idx.size[s])], idx.files[shard], str(idx.keys[s]))
+                yield p, parse_sample(chunk[off - start:off - start + size], file, key, off)
             except CorruptShardError as e:
                 yield p, e
         i = j

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .cli import add_storage_options
-from .errors import ConfigError
+from .errors import ConfigError, DecodeError
 from .format import AUDIO_EXTS, IMAGE_EXTS, META_EXT, TEXT_EXT
 
 log = logging.getLogger(__name__)
@@ -37,8 +37,11 @@ class Shown:
 
 
 def pick_samples(ds, split: str, n: int, seed: int = 0) -> list[Shown]:
-    """``n`` distinct samples of ``split`` drawn with ``seed`` (in index order), read and decoded on the CPU."""
-    from .reader import ShardReader, parse_sample
+    """``n`` distinct samples of ``split`` drawn with ``seed`` (in index order), read and decoded on the CPU.
+
+    A sample that cannot be read or decoded raises its error (naming shard, key and byte offset).
+    """
+    from .reader import ShardReader, read_stream, sample_error
 
     if n < 1:
         raise ConfigError(f"-n must be positive, got {n}")
@@ -50,10 +53,16 @@ def pick_samples(ds, split: str, n: int, seed: int = 0) -> list[Shown]:
     picks = np.sort(rng.choice(len(idx), size=min(n, len(idx)), replace=False))  # (n,)
     out = []
     try:
-        for i in picks:
-            data = reader.read_range(int(idx.shard[i]), int(idx.offset[i]), int(idx.size[i]))
-            out.append(_decode(str(idx.keys[i]), parse_sample(data, idx.files[idx.shard[i]], str(idx.keys[i])),
-                               ds.tasks))
+        for p, got in read_stream(reader, picks):
+            if isinstance(got, Exception):
+                raise got
+            i = int(picks[p])
+            key = str(idx.keys[i])
+            try:
+                out.append(_decode(key, got, ds.tasks))
+            except Exception as e:  # noqa: BLE001 - the bytes are the dataset's: any failure is theirs
+                raise sample_error(DecodeError, idx.files[idx.shard[i]], key, int(idx.offset[i]),
+                                   f"cannot be decoded: {type(e).__name__}: {e}") from None
     finally:
         reader.close()
     return out
@@ -267,14 +276,20 @@ def rejects_table(dataset) -> str:
     rejects = read_rejects(ds)
     if not rejects:
         return f"no rejects: every one of the {ds.card.counts.get('input', '?')} input records is in the dataset"
+    # cells go through info.table, which escapes control characters: ids and messages come from the data
     from collections import Counter
 
     rows = [[r.get("source_id", "?"), r.get("reason", "?"), _short(r.get("message", ""), 70),
-             _short(", ".join(r.get("paths", [])), 50)] for r in rejects]
-    by_reason = Counter(r.get("reason", "?") for r in rejects)
+             _short(_joined(r.get("paths", [])), 50)] for r in rejects]
+    by_reason = Counter(str(r.get("reason", "?")) for r in rejects)
     lines = table(["source id", "reason", "message", "paths"], rows)
     lines += ["", *table(["reason", "records"], [[k, v] for k, v in sorted(by_reason.items())])]
     return "\n".join(lines)
+
+
+def _joined(paths: Any) -> str:
+    """A reject's ``paths`` as one string (whatever the line holds: rejects.jsonl is not trusted)."""
+    return ", ".join(map(str, paths)) if isinstance(paths, list) else str(paths)
 
 
 def _short(s: str, n: int) -> str:

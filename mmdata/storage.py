@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .errors import ConfigError, DatasetNotFoundError, MmdataError
+from .errors import ConfigError, CorruptShardError, DatasetNotFoundError, MmdataError
 from .format import CARD_NAME
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,58 @@ def atomic_write(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def open_regular(root: str | os.PathLike, name: str,
+                 error: type[MmdataError] = CorruptShardError) -> tuple[int, int]:
+    """(descriptor, size) of the local regular file ``name`` inside folder ``root``, opened read-only.
+
+    A dataset folder may be hostile, so this refuses with ``error`` what a reader must not follow: a name
+    or link that resolves outside ``root`` (``../x``, a link to /dev/zero or to another folder's file), a
+    FIFO (opened O_NONBLOCK, so it cannot block), a device, a socket or a folder. Links inside ``root``
+    are followed. FileNotFoundError when ``name`` is absent.
+    """
+    base = os.path.realpath(root)
+    path = os.path.realpath(os.path.join(base, name))
+    if path != base and os.path.commonpath([base, path]) != base:
+        raise error(f"{name!r} in {os.fspath(root)!r} resolves to {path!r}, outside the dataset folder; a "
+                    "dataset reads only its own files: restore the file or rebuild the dataset")
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC | os.O_NOFOLLOW  # the path is resolved
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise error(f"{name!r} in {os.fspath(root)!r} cannot be opened: {e.strerror or e}; restore it or "
+                    "rebuild the dataset") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = next((k for test, k in _KINDS if test(st.st_mode)), "not a regular file")
+            raise error(f"{name!r} in {os.fspath(root)!r} is {kind}, not a regular file; a dataset holds only "
+                        "regular files: restore it or rebuild the dataset")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st.st_size
+
+
+def read_regular(root: str | os.PathLike, name: str, limit: int | None = None,
+                 error: type[MmdataError] = CorruptShardError) -> bytes:
+    """The bytes of local file ``name`` in ``root`` (see ``open_regular``); ``error`` when over ``limit``."""
+    fd, size = open_regular(root, name, error)
+    with os.fdopen(fd, "rb") as f:
+        if limit is not None and size > limit:
+            raise error(f"{name!r} in {os.fspath(root)!r} has {size} bytes, more than the {limit} such a file "
+                        "may have; restore it or rebuild the dataset")
+        data = f.read() if limit is None else f.read(limit + 1)
+    if limit is not None and len(data) > limit:  # it grew after fstat
+        raise error(f"{name!r} in {os.fspath(root)!r} has more than the {limit} bytes such a file may have")
+    return data
 
 
 class Storage:
@@ -231,4 +284,5 @@ def fetch_tree(url: str, local_dir: str | os.PathLike, storage_options: dict[str
     return local_dir / path.rsplit("/", 1)[-1] if is_file else local_dir
 
 
-__all__ = ["RetryPolicy", "Storage", "fetch_tree", "is_url", "publish", "url_to_fs", "with_retries"]
+__all__ = ["RetryPolicy", "Storage", "fetch_tree", "is_url", "open_regular", "publish", "read_regular",
+           "url_to_fs", "with_retries"]

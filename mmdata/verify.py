@@ -6,19 +6,30 @@ that can be checked. Each shard is checked on its own (in a process pool with ``
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import io
 import json
 import logging
+import os
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from .card import LABEL_PREFIX
 from .cli import add_storage_options
+from .dataset import _local, int_column, is_url, range_problems
+from .errors import CorruptShardError, MmdataError
 from .format import AUDIO_EXTS, BLOCK, IMAGE_EXTS, KEY_RE, MEMBER_ORDER, META_EXT, TEXT_EXT
+from .storage import open_regular, url_to_fs
 
 log = logging.getLogger(__name__)
+
+READ_CHUNK = 1 << 20  # bytes read (and hashed) at a time
+ZERO_BLOCK = bytes(BLOCK)
 
 
 @dataclass(frozen=True)
@@ -45,6 +56,7 @@ class ShardJob:
     rows: tuple[dict[str, Any], ...]  # key, offset, size, image_width, image_height, label:<task>...
     decode: bool
     storage_options: dict[str, Any] | None = None  # fsspec options for a URL
+    root: str = ""  # the dataset folder or URL: a local shard must be a regular file inside it
 
 
 def verify_dataset(path: str, decode: bool = False, workers: int = 1, progress: bool = True,
@@ -59,13 +71,16 @@ def verify_dataset(path: str, decode: bool = False, workers: int = 1, progress: 
 
         raise ConfigError(f"workers must be positive, got {workers}")
     ds = open_dataset(path, storage_options=storage_options)
+    for column in ("offset", "size"):
+        int_column(ds.index(), column)  # SchemaError when the column is not integers at all
     index = ds.index().to_pylist()
     failures: list[Failure] = []
     card_files = {s.file: split for split, info in ds.card.splits.items() for s in info.shards}
     rows_of: dict[str, list[dict[str, Any]]] = {f: [] for f in card_files}
     for r in index:
         if r["shard"] not in card_files:
-            failures.append(Failure(r["shard"], r["key"], "index row names a shard that dataset.json does not list"))
+            failures.append(Failure(str(r["shard"]), r["key"], "index row names a shard that dataset.json does not "
+                                                               "list"))
         elif card_files[r["shard"]] != r["split"]:
             failures.append(Failure(r["shard"], r["key"], f"index row says split {r['split']!r} but the card "
                                                           f"lists the shard under {card_files[r['shard']]!r}"))
@@ -78,7 +93,7 @@ def verify_dataset(path: str, decode: bool = False, workers: int = 1, progress: 
         failures.append(Failure(stray, None, "tar file in the dataset folder is not listed in dataset.json; "
                                              "remove it or rebuild"))
     jobs = [ShardJob(ds.url(s.file), s.file, s.samples, s.bytes, s.sha256, tuple(rows_of[s.file]), decode,
-                     storage_options)
+                     storage_options, ds.root)
             for info in ds.card.splits.values() for s in info.shards]
     keys_seen: dict[str, str] = {}
     bar = tqdm(total=len(jobs), unit="shard", desc="verify", disable=not progress)
@@ -121,51 +136,71 @@ def _map(fn, jobs: list, workers: int):
 
 
 def check_shard(job: ShardJob) -> tuple[list[Failure], list[str]]:
-    """All checks of one shard; return (failures, keys of the samples found in it)."""
+    """All checks of one shard, read once front to back; return (failures, keys of the samples found in it).
+
+    Memory stays bounded: the shard is hashed in chunks and its tar headers parsed as they stream by
+    (member bytes are kept only to decode one sample at a time), and never more than the card's byte
+    count is read. After a corrupt header the walk resumes at the next sample the index knows of, so
+    one bad header is one failure.
+    """
     fail: list[Failure] = []
 
     def bad(key: str | None, what: str) -> None:
         fail.append(Failure(job.file, key, what))
 
+    claimed = [r["key"] for r in job.rows]  # an unreadable shard still claims its keys: no false duplicates
+    problems = _row_problems(job)
+    rows = [r for i, r in enumerate(job.rows) if i not in problems]
     try:
-        data = _read(job.url, job.storage_options)
+        f, size = _open_shard(job)
     except FileNotFoundError:
         bad(None, f"shard file is missing ({job.url}); the card lists it with {job.samples} samples")
-        return fail, [r["key"] for r in job.rows]  # its keys are still claimed, so no false duplicates
-    if len(data) != job.bytes:
-        what = "truncated" if len(data) < job.bytes else "longer than the card says"
-        bad(None, f"{what}: {len(data)} bytes, the card says {job.bytes}")
-    digest = hashlib.sha256(data).hexdigest()
+        return fail, claimed
+    except (MmdataError, OSError) as e:
+        bad(None, " ".join(str(e).split()))
+        return fail, claimed
+    walked: list[Failure] = []
+    with f:
+        if size is not None and size != job.bytes:
+            what = "truncated" if size < job.bytes else "longer than the card says"
+            bad(None, f"{what}: {size} bytes, the card says {job.bytes}")
+        scan = _Scan(f, job.bytes if size is None else min(size, job.bytes))
+        samples, errors = _walk(scan, rows, job.decode,
+                                lambda key, what: walked.append(Failure(job.file, key, what)))
+        digest = scan.finish()
     if digest != job.sha256:
         bad(None, f"sha256 {digest[:16]}... does not match the card's {job.sha256[:16]}...")
-    members, error = walk_tar(data)
-    if error:
-        bad(None, error)
-    samples = _group(members, bad)
-    if len(samples) != job.samples and not error:
+    fail += walked
+    if len(samples) != job.samples and not errors:
         bad(None, f"holds {len(samples)} samples, the card says {job.samples}")
     if len(job.rows) != job.samples:
         bad(None, f"index.parquet has {len(job.rows)} rows for this shard, the card says {job.samples}")
+    for i, what in problems.items():
+        bad(job.rows[i]["key"], f"index row: {what}")
     at = {s["offset"]: s for s in samples}
+    by_key: dict[str, dict[str, Any]] = {}
+    for s in samples:
+        by_key.setdefault(s["key"], s)
     indexed = set()
-    for r in job.rows:
+    for r in rows:
+        if any(_covers(r, e) for e in errors):
+            continue  # the structural failure already names this sample
         s = at.get(r["offset"])
         if s is None:
-            holder = next((x for x in samples if x["key"] == r["key"]), None)
+            holder = by_key.get(r["key"])
             where = f"; the shard holds it at byte {holder['offset']}" if holder else "; the shard has no such key"
             bad(r["key"], f"index row points at byte {r['offset']} where no sample starts{where}")
             continue
         if s["key"] != r["key"]:
-            holder = next((x for x in samples if x["key"] == r["key"]), None)
+            holder = by_key.get(r["key"])
             where = f"it sits at byte {holder['offset']}" if holder else f"the shard has no key {r['key']!r}"
             bad(r["key"], f"index row points at byte {r['offset']} but the sample there is {s['key']!r}; {where}")
             continue
         indexed.add(s["offset"])
         if s["size"] != r["size"]:
             bad(r["key"], f"sample spans {s['size']} bytes, the index says {r['size']}")
-        if job.decode:
-            for what in decode_sample(s["members"], r):
-                bad(r["key"], what)
+        for what in s.get("decoded", ()):
+            bad(r["key"], what)
     row_keys = {r["key"] for r in job.rows}
     for s in samples:
         if s["offset"] not in indexed and s["key"] not in row_keys:
@@ -173,33 +208,101 @@ def check_shard(job: ShardJob) -> tuple[list[Failure], list[str]]:
     return fail, [s["key"] for s in samples]
 
 
-def _read(url: str, storage_options: dict[str, Any] | None = None) -> bytes:
-    import fsspec
+def _row_problems(job: ShardJob) -> dict[int, str]:
+    """{row number: what is wrong} for the job's index rows whose byte range cannot be a sample."""
+    def value(v) -> int:
+        return 0 if v is None else min(int(v), 2**62)  # a uint64 past int64 is out of any shard anyway
 
-    with fsspec.open(url, "rb", **(storage_options or {})) as f:  # plain paths and file:// too
-        return f.read()
+    n = len(job.rows)
+    offset = np.array([value(r["offset"]) for r in job.rows], dtype=np.int64).reshape(n)
+    size = np.array([value(r["size"]) for r in job.rows], dtype=np.int64).reshape(n)
+    null = np.array([(r["offset"] is None, r["size"] is None) for r in job.rows], dtype=bool).reshape(n, 2)
+    return range_problems(offset, size, null, np.full(n, job.bytes, dtype=np.int64))
 
 
-def walk_tar(data: bytes) -> tuple[list[tuple[int, str, bytes]], str | None]:
-    """Regular members as (header offset, name, data) and the first structural error (or None)."""
-    out: list[tuple[int, str, bytes]] = []
-    view, pos, n = memoryview(data), 0, len(data)
+def _covers(row: dict[str, Any], e: _TarError) -> bool:
+    """True when structural error ``e`` already accounts for index row ``row``."""
+    return row["offset"] <= e.pos < row["offset"] + row["size"] or (e.final and row["offset"] > e.pos)
+
+
+def _open_shard(job: ShardJob):
+    """(binary file, size or None when the store does not say) of a shard; refuses what is not a file."""
+    if not is_url(job.root):
+        fd, size = open_regular(_local(job.root), job.file)
+        return os.fdopen(fd, "rb", buffering=READ_CHUNK), size
+    fs, path = url_to_fs(job.url, job.storage_options)
+    info = fs.info(path)  # FileNotFoundError when absent
+    if info.get("type", "file") != "file":
+        raise CorruptShardError(f"{job.url!r} is a {info.get('type')}, not a file; restore the shard or rebuild "
+                                "the dataset")
+    return fs.open(path, "rb"), info.get("size")
+
+
+class _Scan:
+    """One shard read front to back: at most ``limit`` bytes, in chunks, every byte read hashed."""
+
+    def __init__(self, f, limit: int):
+        self.f, self.limit, self.pos = f, limit, 0
+        self.sha = hashlib.sha256()
+
+    def read(self, n: int) -> bytes:
+        """The next ``n`` bytes, fewer where the file or the limit ends."""
+        parts = []
+        n = min(n, self.limit - self.pos)
+        while n > 0:
+            b = self.f.read(min(n, READ_CHUNK))
+            if not b:
+                break
+            self.sha.update(b)
+            parts.append(b)
+            self.pos += len(b)
+            n -= len(b)
+        return b"".join(parts)
+
+    def skip_to(self, target: int) -> None:
+        """Read (and hash) up to byte ``target``, keeping nothing."""
+        while self.pos < min(target, self.limit):
+            if not self.read(min(target - self.pos, READ_CHUNK)):
+                return
+
+    def finish(self) -> str:
+        """The sha256 of every byte up to the limit (or the file's end)."""
+        self.skip_to(self.limit)
+        return self.sha.hexdigest()
+
+
+class _TarError(Exception):
+    """A structural error at byte ``pos``; ``final``: nothing after it can be read (the file ends)."""
+
+    def __init__(self, pos: int, what: str, final: bool = False):
+        super().__init__(what)
+        self.pos, self.what, self.final = pos, what, final
+
+
+def _members(scan: _Scan) -> Iterator[tuple[int, str, int]]:
+    """(header offset, name, size) of each regular member from the scan's position to the end blocks.
+
+    The member's data comes next in ``scan``: the caller may read it; what it leaves is skipped.
+    """
     while True:
-        if pos + BLOCK > n:
-            return out, f"truncated: ends at byte {n} inside or before a tar header (no end-of-archive blocks)"
-        header = bytes(view[pos:pos + BLOCK])
-        if header == b"\0" * BLOCK:
-            return out, None
+        pos = scan.pos
+        header = scan.read(BLOCK)
+        if len(header) < BLOCK:
+            raise _TarError(pos, f"truncated: ends at byte {scan.pos} inside or before a tar header (no "
+                                 "end-of-archive blocks)", final=True)
+        if header == ZERO_BLOCK:
+            return
         try:
             name, size, typeflag = _header(header)
         except ValueError as e:
-            return out, f"corrupt tar header at byte {pos}: {e}"
+            raise _TarError(pos, f"corrupt tar header at byte {pos}: {e}") from None
         start = pos + BLOCK
-        if start + size > n:
-            return out, f"truncated: member {name!r} at byte {pos} needs {size} bytes, {n - start} remain"
+        if start + size > scan.limit:
+            raise _TarError(pos, f"truncated: member {name!r} at byte {pos} needs {size} bytes, "
+                                 f"{scan.limit - start} remain")
         if typeflag in (b"0", b"\0"):
-            out.append((pos, name, bytes(view[start:start + size])))
-        pos = start + (size + BLOCK - 1) // BLOCK * BLOCK
+            yield pos, name, size
+        scan.skip_to(start + (size + BLOCK - 1) // BLOCK * BLOCK)
 
 
 def _header(h: bytes) -> tuple[str, int, bytes]:
@@ -208,44 +311,89 @@ def _header(h: bytes) -> tuple[str, int, bytes]:
         raise ValueError("checksum mismatch")
     name = h[0:100].split(b"\0", 1)[0].decode("utf-8")
     prefix = h[345:500].split(b"\0", 1)[0].decode("utf-8")
-    size_field = h[124:136].rstrip(b"\0 ").strip()
-    return (f"{prefix}/{name}" if prefix else name), int(size_field or b"0", 8), h[156:157]
+    size = int(h[124:136].rstrip(b"\0 ").strip() or b"0", 8)
+    if size < 0:
+        raise ValueError(f"negative size {size}")
+    return (f"{prefix}/{name}" if prefix else name), size, h[156:157]
 
 
-def _group(members: list[tuple[int, str, bytes]], bad) -> list[dict[str, Any]]:
-    """Group adjacent members by key; report keys split apart, bad keys and unknown extensions."""
+def _walk(scan: _Scan, rows: list[dict[str, Any]], decode: bool,
+          bad) -> tuple[list[dict[str, Any]], list[_TarError]]:
+    """Group the shard's members into samples as they stream by; report structural errors and resync.
+
+    Returns (samples: key, offset, size and with ``decode`` what failed to decode; the structural errors).
+    ``rows``: the shard's index rows whose byte ranges fit it; a corrupt header is reported once, under the
+    key of the row it falls in, and the walk resumes at the next row's offset.
+    """
+    row_at = {r["offset"]: r for r in rows}
+    starts = sorted(row_at)
     samples: list[dict[str, Any]] = []
-    for pos, name, data in members:
-        base = name.rsplit("/", 1)[-1]
-        key, _, ext = base.partition(".")
-        if "/" in name:
-            bad(key, f"member {name!r} is inside a folder; members must sit at the archive root")
-        if not KEY_RE.match(key):
-            bad(key, f"member {name!r}: key {key!r} does not match {KEY_RE.pattern}")
-        if "." in ext:
-            bad(key, f"member {name!r}: the key has a dot (readers split at the first dot, seeing key {key!r} "
-                     f"and extension {ext!r})")
-        elif ext not in MEMBER_ORDER:
-            bad(key, f"member {name!r}: unknown extension {ext!r}; expected one of {list(MEMBER_ORDER)}")
-        if samples and samples[-1]["key"] == key:
-            s = samples[-1]
-            if ext in s["members"]:
-                bad(key, f"member {name!r} appears twice in the sample")
-            s["members"][ext] = data
-            s["end"] = pos + BLOCK + (len(data) + BLOCK - 1) // BLOCK * BLOCK
-        else:
-            samples.append({"key": key, "offset": pos, "members": {ext: data},
-                            "end": pos + BLOCK + (len(data) + BLOCK - 1) // BLOCK * BLOCK})
     first: dict[str, int] = {}
-    for s in samples:
+    errors: list[_TarError] = []
+
+    def finish(s: dict[str, Any]) -> None:
         s["size"] = s["end"] - s["offset"]
         if s["key"] in first:
             bad(s["key"], f"members are not adjacent: the key reappears at byte {s['offset']} after other keys "
                           f"(first at byte {first[s['key']]})")
         first.setdefault(s["key"], s["offset"])
-        if META_EXT not in s["members"]:
+        if META_EXT not in s["exts"]:
             bad(s["key"], f"sample at byte {s['offset']} has no {s['key']}.{META_EXT} (id and labels)")
-    return samples
+        members = s.pop("members")
+        row = row_at.get(s["offset"])
+        if decode and row is not None and row["key"] == s["key"]:
+            s["decoded"] = decode_sample(members, row)
+        samples.append(s)
+
+    current: dict[str, Any] | None = None
+    while True:
+        try:
+            for pos, name, size in _members(scan):
+                base = name.rsplit("/", 1)[-1]
+                key, _, ext = base.partition(".")
+                if current is not None and current["key"] == key:
+                    if ext in current["exts"]:
+                        bad(key, f"member {name!r} appears twice in the sample")
+                else:
+                    if current is not None:
+                        finish(current)
+                    current = {"key": key, "offset": pos, "exts": [], "members": {}}
+                _check_member(name, key, ext, bad)
+                current["exts"].append(ext)
+                if decode and current["offset"] in row_at:  # bytes kept for this sample only
+                    current["members"][ext] = scan.read(size)
+                current["end"] = pos + BLOCK + (size + BLOCK - 1) // BLOCK * BLOCK
+            if current is not None:
+                finish(current)
+            return samples, errors
+        except _TarError as e:
+            i = bisect.bisect_right(starts, e.pos)
+            nxt = starts[i] if i < len(starts) else None
+            if current is not None and e.pos in row_at:
+                finish(current)  # the error starts the next sample: the one before is whole
+            current = None  # else the sample being read is damaged: the error stands for it
+            if e.final or nxt is None or nxt >= scan.limit:
+                e.final = True
+            row = row_at[starts[i - 1]] if i else None
+            key = row["key"] if row is not None and e.pos < row["offset"] + row["size"] else None
+            bad(key, e.what + ("" if e.final else f"; read on from the next indexed sample at byte {nxt}"))
+            errors.append(e)
+            if e.final:
+                return samples, errors
+            scan.skip_to(nxt)
+
+
+def _check_member(name: str, key: str, ext: str, bad) -> None:
+    """Report a member name that is not ``KEY.ext`` at the archive root with a known extension."""
+    if "/" in name:
+        bad(key, f"member {name!r} is inside a folder; members must sit at the archive root")
+    if not KEY_RE.match(key):
+        bad(key, f"member {name!r}: key {key!r} does not match {KEY_RE.pattern}")
+    if "." in ext:
+        bad(key, f"member {name!r}: the key has a dot (readers split at the first dot, seeing key {key!r} "
+                 f"and extension {ext!r})")
+    elif ext not in MEMBER_ORDER:
+        bad(key, f"member {name!r}: unknown extension {ext!r}; expected one of {list(MEMBER_ORDER)}")
 
 
 def decode_sample(members: dict[str, bytes], row: dict[str, Any]) -> list[str]:
@@ -304,7 +452,7 @@ def run(args) -> int:
     if args.json:
         print(json.dumps({"dataset": args.dataset, "ok": not failures, "decoded": args.decode,
                           "failures": [{"shard": f.shard, "key": f.key, "reason": f.what} for f in failures]},
-                         indent=2, ensure_ascii=False))
+                         indent=2))  # ASCII: control and bidi characters of hostile ids escaped
     elif not failures:
         if not args.quiet:
             print(f"ok: {args.dataset} holds what its card and index say" + (" (every member decodes)"
