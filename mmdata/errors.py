@@ -42,3 +42,7 @@ class RejectThresholdError(MmdataError, RuntimeError):
     def __init__(self, message: str, card=None):
         super().__init__(message)
         self.card = card
+
+
+class OutputLockedError(MmdataError, BlockingIOError):
+    """Another build is writing the same output folder; the message names it."""

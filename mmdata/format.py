@@ -12,6 +12,7 @@ CARD_NAME = "dataset.json"
 INDEX_NAME = "index.parquet"
 REJECTS_NAME = "rejects.jsonl"
 TOKENIZER_DIR = "tokenizer"
+README_NAME = "README.md"  # the Hugging Face dataset card
 
 KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 IMAGE_EXTS = ("jpg", "png", "webp")

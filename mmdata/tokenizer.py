@@ -8,6 +8,7 @@ from pathlib import Path
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4, in this order
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(5)
 TOKENIZER_FILE = "tokenizer.json"
+PIECE_CHARS = 1 << 16  # characters of text pre-tokenized at once
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 2000):
@@ -26,7 +27,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2000):
     pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     words: Counter[str] = Counter()
     for text in texts:
-        words.update(w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+        for piece in _pieces(text):  # a long text in pieces: pre_tokenize_str holds a tuple per word
+            words.update(w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(piece)))
     chars = sorted({c for w in words for c in w})
     vocab = [*SPECIAL_TOKENS, *chars, *(f"##{c}" for c in chars)]
     known = set(vocab)
@@ -40,6 +42,20 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2000):
     tok.pre_tokenizer = pre_tokenizer
     tok.decoder = decoders.WordPiece()
     return tok
+
+
+def _pieces(text: str, size: int = PIECE_CHARS):
+    """``text`` cut into pieces of about ``size`` characters, at whitespace so that no word is split."""
+    start = 0
+    while len(text) - start > size:
+        cut = text.rfind(" ", start, start + size)
+        for ws in "\n\t":
+            cut = max(cut, text.rfind(ws, start, start + size))
+        if cut <= start:  # one word longer than a piece: cut it (it is no word of a vocabulary anyway)
+            cut = start + size
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
 
 
 def save_tokenizer(tok, directory: str | Path) -> Path:

@@ -207,7 +207,7 @@ def test_sample_data_manifest_and_folders_agree(tmp_path):
     f, m = output_files(tmp_path / "f"), output_files(tmp_path / "m")
     assert [n for n in f if n.endswith(".tar")] == ["test-000000.tar", "train-000000.tar", "val-000000.tar"]
     for name in f:
-        if name != "dataset.json":  # the card names the layout
+        if name not in ("dataset.json", "README.md"):  # the card, and the README drawn from it, name the layout
             assert f[name] == m[name], name
     card = Card.from_json(f["dataset.json"].decode())
     assert card.counts == {"input": 200, "written": 200, "rejected": {}}
@@ -254,25 +254,24 @@ def test_split_writer_matches_the_shared_shard_writer(tmp_path):
     assert [(r["offset"], r["size"]) for r in done.rows] == offsets
 
 
-def _pid_after(seconds: float, job: int) -> int:
+def _pid(job: int) -> int:
     import os
-    import time
 
-    time.sleep(seconds)
     return os.getpid()
 
 
 @pytest.mark.parametrize("seconds,shipped", [(0.0, False), (0.002, True)])
 def test_local_executor_ships_only_work_that_pays_for_it(seconds, shipped):
-    import functools
+    import itertools
     import os
 
     from mmdata.build.executors import PROBE_WINDOW, LocalExecutor
 
-    ex = LocalExecutor(workers=2, jobs=200)
+    ticks = itertools.count()  # a clock on which every job takes exactly `seconds`: no timing in the test
+    ex = LocalExecutor(workers=2, jobs=200, clock=lambda: next(ticks) * seconds)
     ex.start(decoding=True)
     try:
-        pids = list(ex.map(functools.partial(_pid_after, seconds), range(PROBE_WINDOW + 100)))
+        pids = list(ex.map(_pid, range(PROBE_WINDOW + 100)))
     finally:
         ex.close()
     assert len(pids) == PROBE_WINDOW + 100
@@ -280,8 +279,10 @@ def test_local_executor_ships_only_work_that_pays_for_it(seconds, shipped):
     assert (set(pids[PROBE_WINDOW:]) != {os.getpid()}) == shipped
 
 
-def test_read_file_reads_to_the_end_whatever_the_size_hint(tmp_path):
-    from mmdata.build.discover import read_file
+def test_read_file_reads_to_the_end_whatever_the_size_hint_but_never_past_its_limit(tmp_path):
+    import os
+
+    from mmdata.build.guard import Refused, read_file
 
     p = tmp_path / "f.bin"
     p.write_bytes(bytes(range(256)) * 40)
@@ -291,12 +292,19 @@ def test_read_file_reads_to_the_end_whatever_the_size_hint(tmp_path):
     assert read_file(str(p), limit=4) == bytes(range(4))
     (tmp_path / "empty").write_bytes(b"")
     assert read_file(str(tmp_path / "empty")) == b""
+    with pytest.raises(Refused, match="grew past the limit of 100 bytes"):
+        read_file(str(p), size=10, max_bytes=100)
+    with pytest.raises(Refused, match="more than the limit"):
+        read_file(str(p), max_bytes=100)
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(Refused, match="a FIFO"):  # at once: the open does not wait for a writer
+        read_file(str(tmp_path / "fifo"))
 
 
 def test_realdir_agrees_with_realpath_through_links(tmp_path):
     import os
 
-    from mmdata.build.align import _realdir
+    from mmdata.build.guard import realdir as _realdir
 
     (tmp_path / "root" / "a" / "b").mkdir(parents=True)
     (tmp_path / "out" / "c").mkdir(parents=True)

@@ -12,7 +12,8 @@ from conftest import write_folders
 
 from mmdata.build import BuildConfig, build_dataset
 from mmdata.cli import main
-from mmdata.errors import ConfigError
+from mmdata.dataset import open_dataset
+from mmdata.errors import ConfigError, DatasetNotFoundError
 from mmdata.format import CARD_NAME
 
 # kill the build process from inside after the n-th sample (mid-shard) or right after the n-th shard rename
@@ -67,6 +68,8 @@ def test_resume_after_sigkill_is_byte_identical(tmp_path, where, n):
         assert (out / name).read_bytes() == ref[name]
     with pytest.raises(ConfigError, match="--resume"):
         build_dataset(raw, out, BuildConfig(workers=1), progress=False)
+    with pytest.raises(DatasetNotFoundError, match="holds an interrupted build: .* with --resume"):
+        open_dataset(out)  # the reader points at --resume, not at another build
     assert main([*args[:2], str(out), *args[2:], "--resume"]) == 0
     assert files(out) == ref
 
@@ -75,7 +78,7 @@ def test_resume_refuses_a_different_build(tmp_path):
     raw = write_folders(tmp_path / "raw", n=12)
     out = tmp_path / "out"
     out.mkdir()
-    (out / ".mmdata-build.jsonl").write_text('{"fingerprint": "other"}\n')
+    (out / ".mmdata-build.jsonl").write_text('{"fingerprint": "other", "splits": ["train"]}\n')
     (out / "train-000000.tar").write_bytes(b"junk")
     with pytest.raises(ConfigError, match="other input or config"):
         build_dataset(raw, out, BuildConfig(workers=1), progress=False, resume=True)

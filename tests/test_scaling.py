@@ -105,15 +105,22 @@ def test_ray_build_writes_straight_to_s3(raw_slice, local_build, ray_session, s3
 def test_s3_build_refuses_a_non_empty_destination_and_replaces_with_overwrite(raw_slice, s3, capsys):
     import s3fs
 
+    from mmdata.card import Card, ShardInfo, SplitInfo
+    from mmdata.tasks import TaskList
+
     fs = s3fs.S3FileSystem(**s3)
+    old = Card({}, TaskList(()), {"train": SplitInfo((ShardInfo("train-000099.tar", 1, 3, "0" * 64),))})
+    fs.pipe_file("bucket/busy/dataset.json", old.to_json().encode())  # an old dataset: its shard is ours
     fs.pipe_file("bucket/busy/train-000099.tar", b"old")
     fs.pipe_file("bucket/busy/notes.md", b"mine")
+    fs.pipe_file("bucket/busy/backup-000001.tar", b"mine too")  # named like a shard, listed by no card
     args = ["build", str(raw_slice), "s3://bucket/busy", *BUILD_ARGS, "--storage-options", _json(s3)]
     assert main(args) != 0
     assert "'s3://bucket/busy' is not empty; pass --overwrite" in capsys.readouterr().err
     assert main([*args, "--overwrite"]) == 0
     names = {p.rsplit("/", 1)[-1] for p in fs.ls("bucket/busy", refresh=True)}
-    assert "train-000099.tar" not in names and {"notes.md", "dataset.json", "index.parquet"} <= names
+    assert "train-000099.tar" not in names
+    assert {"notes.md", "backup-000001.tar", "dataset.json", "index.parquet"} <= names
 
 
 def _json(opts: dict) -> str:

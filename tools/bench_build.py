@@ -30,7 +30,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mmdata.build import BuildConfig, build_dataset  # noqa: E402
-from mmdata.build.discover import modality_of_ext, read_file  # noqa: E402
+from mmdata.build.discover import modality_of_ext  # noqa: E402
+from mmdata.build.guard import read_file  # noqa: E402
 from mmdata.build.media import SAMPLE_JSON, plain_png_size, wav_format  # noqa: E402
 from mmdata.format import sample_block  # noqa: E402
 

@@ -11,12 +11,14 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..tasks import Task
+from .guard import Refused, read_regular
 
 IMAGE_FORMATS = ("keep", "png", "jpg", "webp")
 AUDIO_FORMATS = ("flac", "wav")
 MODALITIES = ("image", "audio", "text")
 # fields that change how fast a build runs, never what it writes: kept out of the card
 RUNTIME_FIELDS = ("workers",)
+MAX_CONFIG_BYTES = 2**20
 
 
 def key(default: Any, doc: str) -> Any:
@@ -66,12 +68,14 @@ class BuildConfig:
     # text and files
     max_file_bytes: int = key(256 * 2**20, "reject input files larger than this (too_large)")
     tokenizer_vocab: int = key(2000, "vocabulary of the tokenizer trained on the train split's text; 0: none")
+    tokenizer_sample_bytes: int = key(50 * 2**20, "the tokenizer trains on the train split's text up to this "
+                                                  "many bytes (in shard order), so its memory stays bounded")
     max_reject_fraction: float = key(0.01, "the build fails (exit 1, dataset still written) when more records "
                                            "than this fraction are rejected")
     workers: int | None = key(None, "encoding processes; null: the CPU count (not stored in the card)")
 
     def __post_init__(self) -> None:
-        for name in ("max_samples", "max_bytes", "max_pixels", "max_file_bytes", "channels"):
+        for name in ("max_samples", "max_bytes", "max_pixels", "max_file_bytes", "channels", "tokenizer_sample_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("val", "test", "max_reject_fraction"):
@@ -138,9 +142,13 @@ class BuildConfig:
         import yaml
 
         try:
-            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+            data = yaml.safe_load(read_regular(path, MAX_CONFIG_BYTES, "build config").decode("utf-8")) or {}
         except FileNotFoundError:
             raise ConfigError(f"build config {str(path)!r} does not exist; give an existing YAML file") from None
+        except Refused as e:
+            raise ConfigError(f"{e.message}; give a YAML file") from None
+        except (UnicodeDecodeError, yaml.YAMLError) as e:
+            raise ConfigError(f"build config {str(path)!r} is not UTF-8 YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"build config {str(path)!r} must be a mapping of keys to values")
         return cls.from_dict(data)

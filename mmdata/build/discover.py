@@ -2,91 +2,25 @@
 
 from __future__ import annotations
 
-import glob
-import json
 import logging
 import os
 import re
-import tarfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import DatasetNotFoundError, SchemaError
 from .config import BuildConfig
+from .guard import Refused, parse_json, read_inside, read_regular
+from .records import AUDIO_EXTS, IMAGE_EXTS, SPLIT_NAMES, TEXT_EXTS, MediaRef, RawRecord, modality_of_ext  # noqa: F401 - the names discovery has always exported
+from .spool import Spool
+from .tars import TAR_EXTS, from_tars, source_card, tar_files
 
 log = logging.getLogger(__name__)
 
 LAYOUTS = ("auto", "folders", "stems", "manifest", "webdataset")
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
-AUDIO_EXTS = ("wav", "flac", "mp3", "ogg", "opus", "m4a")
-TEXT_EXTS = ("txt",)
 TABLE_EXTS = (".csv", ".jsonl", ".parquet")
-TAR_EXTS = (".tar", ".tgz", ".tar.gz")
-SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
-               "dev": "val", "test": "test", "testing": "test"}
 LABEL_TABLE_NAMES = ("labels.csv", "labels.jsonl", "labels.parquet")
-
-
-@dataclass(frozen=True)
-class MediaRef:
-    """Where one modality of a record lives: a path relative to the root, or inline bytes."""
-
-    ext: str  # lower-case extension without the dot ("" when unknown)
-    path: str | None = None
-    data: bytes | None = None
-    size: int | None = None  # bytes, once checked
-
-
-@dataclass
-class RawRecord:
-    """One input record before any check: ids, media references, raw label values."""
-
-    source_id: str
-    media: dict[str, MediaRef] = field(default_factory=dict)  # modality -> reference
-    labels: dict[str, Any] = field(default_factory=dict)  # column -> raw value
-    split: str | None = None
-    problems: list[tuple[str, str]] = field(default_factory=list)  # (reason, message) found while discovering
-
-    @property
-    def paths(self) -> list[str]:
-        return [m.path if m.path is not None else f"<inline {m.ext}>" for m in self.media.values()]
-
-
-def read_file(path: str, limit: int | None = None, size: int | None = None) -> bytes:
-    """The bytes of a file (its first ``limit`` bytes) with few system calls: open, read, close.
-
-    ``open().read()`` costs twice as many (fstat, ioctl, a read to see the end), which is most of a build's
-    time on small files. ``size`` is what a stat already said (else one fstat asks). A regular file returns
-    everything in the first read, which asks for one byte more to see the end; a file that grew meanwhile
-    is read on to its end.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if limit is not None:
-            return os.read(fd, limit)
-        if size is None:
-            size = os.fstat(fd).st_size
-        data = os.read(fd, size + 1)
-        if len(data) <= size:
-            return data
-        chunks = [data]
-        while chunk := os.read(fd, 1 << 20):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
-
-
-def modality_of_ext(ext: str) -> str | None:
-    ext = ext.lower()
-    if ext in IMAGE_EXTS:
-        return "image"
-    if ext in AUDIO_EXTS:
-        return "audio"
-    if ext in TEXT_EXTS:
-        return "text"
-    return None
+MAX_LABELS_BYTES = 16 * 2**20  # one sample's labels.json
 
 
 def detect_layout(source: Path) -> str:
@@ -125,54 +59,91 @@ def _is_sample_dir(d: Path) -> bool:
     return bool(kinds) and len(kinds) == len(set(kinds))
 
 
-def discover(source: str | Path, layout: str, config: BuildConfig) -> tuple[Path, str, list[RawRecord]]:
-    """Return (root, resolved layout, records) for ``source``; records come in a deterministic order."""
+def discover(source: str | Path, layout: str, config: BuildConfig, exclude: Path | None = None,
+             spool: Spool | None = None) -> tuple[Path, str, list[RawRecord]]:
+    """Return (root, resolved layout, records) for ``source``; records come in a deterministic order.
+
+    ``exclude`` is the build's output folder: when it lies inside the source, it is not input. ``spool``
+    keeps member bytes that cannot stay where they are (in compressed shards).
+    """
     if layout not in LAYOUTS:
         raise SchemaError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     src = Path(source)
     if layout == "auto":
         layout = detect_layout(src)
     if layout == "webdataset":
-        files = _tar_files(str(source))
+        files = tar_files(str(source))
         root = src if src.is_dir() else Path(files[0]).parent
-        return root, layout, _from_tars(files)
+        if spool is None:
+            raise SchemaError("the webdataset layout needs a spool folder for compressed shards")
+        return root, layout, from_tars(files, config, spool, source_card(root))
     if layout == "manifest":
         if not src.is_file():
             raise DatasetNotFoundError(f"manifest {str(src)!r} is not a file; give a CSV, JSONL or Parquet file")
         return src.parent, layout, _from_manifest(src, config)
     if not src.is_dir():
         raise DatasetNotFoundError(f"source {str(src)!r} is not a folder; the {layout} layout reads a folder")
+    skip = _excluded(src, exclude)
     if layout == "folders":
-        return src, layout, _from_folders(src)
-    return src, layout, _from_stems(src, config)
+        return src, layout, _from_folders(src, skip)
+    return src, layout, _from_stems(src, config, skip)
+
+
+def _excluded(src: Path, exclude: Path | None) -> str | None:
+    """The output folder's path relative to the source, when the output lies inside it (else None)."""
+    if exclude is None:
+        return None
+    real_src, real_out = os.path.realpath(src), os.path.realpath(exclude)
+    if os.path.commonpath([real_src, real_out]) != real_src or real_out == real_src:
+        return None
+    rel = os.path.relpath(real_out, real_src).replace(os.sep, "/")
+    log.warning("the output folder %s lies inside the source: it is not read as input", rel)
+    return rel
 
 
 # ---- tables ------------------------------------------------------------------------------------------------
 
 
-def read_table(path: Path) -> list[dict[str, Any]]:
-    """Rows of a CSV (values typed: int, float or str; empty -> None), JSONL or Parquet file."""
+def read_table(path: Path, max_bytes: int, real_root: Path | None = None) -> list[dict[str, Any]]:
+    """Rows of a CSV (values typed: int, float or str; empty -> None), JSONL or Parquet file.
+
+    With ``real_root`` the table must lie inside it (a label table); without, it is the file the user
+    named (a manifest). Either way it is read through the guard: a regular file within ``max_bytes``.
+    """
     suffix = path.suffix.lower()
+    if suffix not in TABLE_EXTS:
+        raise SchemaError(f"table {str(path)!r} must be .csv, .jsonl or .parquet")
+    try:
+        data = (read_inside(path, real_root, max_bytes, "label table") if real_root is not None
+                else read_regular(path, max_bytes, "manifest"))
+    except Refused as e:
+        raise SchemaError(f"{e.message}; give a regular file inside the source, within max_file_bytes") from None
     if suffix == ".csv":
         import csv
+        import io
 
-        with open(path, newline="", encoding="utf-8") as f:
-            return [{k: _typed(v) for k, v in row.items() if k is not None} for row in csv.DictReader(f)]
+        try:
+            text = data.decode("utf-8-sig")
+            return [{k: _typed(v) for k, v in row.items() if k is not None}
+                    for row in csv.DictReader(io.StringIO(text, newline=""))]
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise SchemaError(f"{path}: not a readable UTF-8 CSV ({e}); fix the file") from None
     if suffix == ".jsonl":
         rows = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise SchemaError(f"{path}: line {n} is not JSON ({e}); fix or remove it") from None
+        for n, line in enumerate(data.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(parse_json(line, f"line {n}"))
+                except ValueError as e:
+                    raise SchemaError(f"{path}: {e}; fix or remove that line") from None
         return rows
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
-    raise SchemaError(f"table {str(path)!r} must be .csv, .jsonl or .parquet")
+    try:
+        return pq.read_table(pa.BufferReader(data)).to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        raise SchemaError(f"{path}: not a readable Parquet file ({e})") from None
 
 
 _INT_RE = re.compile(r"^-?(0|[1-9][0-9]*)$")
@@ -207,7 +178,7 @@ def _label_columns(row: dict[str, Any], config: BuildConfig, extra: tuple[str, .
 
 
 def _from_manifest(path: Path, config: BuildConfig) -> list[RawRecord]:
-    rows = read_table(path)
+    rows = read_table(path, config.max_file_bytes)
     records = []
     for n, row in enumerate(rows, 1):
         rec = RawRecord(_row_id(row, config, f"{path.name} row {n}"))
@@ -235,14 +206,18 @@ def _from_manifest(path: Path, config: BuildConfig) -> list[RawRecord]:
 # ---- folders and stems -------------------------------------------------------------------------------------
 
 
-def _from_folders(root: Path) -> list[RawRecord]:
+def _from_folders(root: Path, skip: str | None = None) -> list[RawRecord]:
+    real_root = Path(os.path.realpath(root))
     records = []
     for child in _subdirs(str(root)):
+        if child.name == skip:
+            continue
         split_name = SPLIT_NAMES.get(child.name.lower())
         if split_name and not _is_sample_dir(Path(child.path)):
-            records += [_folder_record(d, f"{child.name}/{d.name}", split_name) for d in _subdirs(child.path)]
+            records += [_folder_record(d, f"{child.name}/{d.name}", split_name, real_root)
+                        for d in _subdirs(child.path) if f"{child.name}/{d.name}" != skip]
         else:
-            records.append(_folder_record(child, child.name, None))
+            records.append(_folder_record(child, child.name, None, real_root))
     return records
 
 
@@ -252,7 +227,7 @@ def _subdirs(path: str) -> list[os.DirEntry]:
         return sorted((e for e in it if e.is_dir()), key=lambda e: e.name)
 
 
-def _folder_record(d: os.DirEntry, rel_dir: str, split: str | None) -> RawRecord:
+def _folder_record(d: os.DirEntry, rel_dir: str, split: str | None, real_root: Path) -> RawRecord:
     rec = RawRecord(d.name, split=split)
     with os.scandir(d.path) as it:
         entries = sorted(it, key=lambda e: e.name)
@@ -260,12 +235,14 @@ def _folder_record(d: os.DirEntry, rel_dir: str, split: str | None) -> RawRecord
         rel = f"{rel_dir}/{f.name}"
         if f.name == "labels.json":
             try:
-                labels = json.loads(read_file(f.path).decode("utf-8"))
+                labels = parse_json(read_inside(rel, real_root, MAX_LABELS_BYTES, "labels.json"), rel)
                 if not isinstance(labels, dict):
-                    raise ValueError("not a JSON object")
+                    raise ValueError(f"{rel} is not a JSON object of labels")
                 rec.labels = labels
-            except (ValueError, UnicodeDecodeError) as e:
-                rec.problems.append(("bad_label", f"{rel}: not a JSON object of labels ({e})"))
+            except Refused as e:
+                rec.problems.append((e.reason, e.message))
+            except ValueError as e:
+                rec.problems.append(("bad_label", str(e)))
             except OSError as e:
                 rec.problems.append(("unreadable", f"{rel}: cannot read ({e.strerror or e})"))
             continue
@@ -281,14 +258,17 @@ def _folder_record(d: os.DirEntry, rel_dir: str, split: str | None) -> RawRecord
     return rec
 
 
-def _from_stems(root: Path, config: BuildConfig) -> list[RawRecord]:
+def _from_stems(root: Path, config: BuildConfig, skip: str | None = None) -> list[RawRecord]:
     table_path = root / config.labels_file if config.labels_file else None
     if table_path is None:
-        found = [root / n for n in LABEL_TABLE_NAMES if (root / n).is_file()]
+        found = [root / n for n in LABEL_TABLE_NAMES if os.path.lexists(root / n)]
         table_path = found[0] if found else None
+    skip_prefix = None if skip is None else skip + "/"
     by_id: dict[str, RawRecord] = {}
-    for f in sorted(p for p in root.rglob("*") if p.is_file() or p.is_symlink()):
+    for f in sorted(p for p in root.rglob("*") if p.is_symlink() or not p.is_dir()):  # FIFOs too: rejected
         if table_path is not None and f == table_path:
+            continue
+        if skip_prefix and f.relative_to(root).as_posix().startswith(skip_prefix):
             continue
         ext = f.suffix[1:].lower()
         modality = modality_of_ext(ext)
@@ -302,91 +282,12 @@ def _from_stems(root: Path, config: BuildConfig) -> list[RawRecord]:
             continue
         rec.media[modality] = MediaRef(ext, path=rel)
     if table_path is not None:
-        if not table_path.is_file():
+        if not os.path.lexists(table_path):
             raise DatasetNotFoundError(f"label table {str(table_path)!r} does not exist; fix labels_file")
-        for n, row in enumerate(read_table(table_path), 1):
+        for n, row in enumerate(read_table(table_path, config.max_file_bytes, Path(os.path.realpath(root))), 1):
             sid = _row_id(row, config, f"{table_path.name} row {n}")
             rec = by_id.setdefault(sid, RawRecord(sid))
             split = row.get(config.split_column)
             rec.split = None if split is None else SPLIT_NAMES.get(str(split).lower(), str(split))
             rec.labels = _label_columns(row, config)
     return [by_id[k] for k in sorted(by_id)]
-
-
-# ---- webdataset tars ---------------------------------------------------------------------------------------
-
-
-def _tar_files(pattern: str) -> list[str]:
-    p = Path(pattern)
-    if p.is_dir():
-        files = sorted(str(f) for f in p.iterdir() if f.name.endswith(TAR_EXTS))
-    elif p.is_file():
-        files = [pattern]
-    else:
-        files = sorted({f for pat in _expand_braces(pattern) for f in glob.glob(pat)})
-    if not files:
-        raise DatasetNotFoundError(f"no tar shards match {pattern!r}; give a folder of .tar files, a glob or "
-                                   "a brace pattern like 'shards-{000000..000009}.tar'")
-    return files
-
-
-def _expand_braces(pattern: str) -> list[str]:
-    m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
-    if m:
-        lo, hi, width = int(m.group(1)), int(m.group(2)), len(m.group(1))
-        return [p for i in range(lo, hi + 1)
-                for p in _expand_braces(pattern[:m.start()] + f"{i:0{width}d}" + pattern[m.end():])]
-    m = re.search(r"\{([^{}]*,[^{}]*)\}", pattern)
-    if m:
-        return [p for alt in m.group(1).split(",")
-                for p in _expand_braces(pattern[:m.start()] + alt + pattern[m.end():])]
-    return [pattern]
-
-
-def _from_tars(files: list[str]) -> list[RawRecord]:
-    records = []
-    for file in files:
-        name = Path(file).name
-        try:
-            with tarfile.open(file, "r:*") as tar:
-                groups: dict[str, dict[str, bytes]] = {}
-                for info in tar:
-                    if not info.isfile():
-                        continue
-                    base = info.name.rsplit("/", 1)[-1]
-                    prefix = info.name[: len(info.name) - len(base)]
-                    key, _, ext = base.partition(".")
-                    f = tar.extractfile(info)
-                    groups.setdefault(prefix + key, {})[ext.lower()] = f.read() if f else b""
-        except (tarfile.TarError, OSError, EOFError) as e:
-            raise SchemaError(f"tar shard {file!r} cannot be read ({e}); remove or repair it") from None
-        for key, members in groups.items():
-            records.append(_tar_record(name, key, members))
-    return records
-
-
-def _tar_record(tar_name: str, key: str, members: dict[str, bytes]) -> RawRecord:
-    rec = RawRecord(key)
-    for ext, data in sorted(members.items()):
-        last = ext.rsplit(".", 1)[-1]
-        modality = modality_of_ext(last)
-        if modality is not None:
-            if modality in rec.media:
-                rec.problems.append(("unsupported_format", f"{tar_name}:{key}: more than one {modality} member"))
-                continue
-            rec.media[modality] = MediaRef(last, path=f"{tar_name}:{key}.{ext}", data=data)
-        elif ext == "cls":
-            rec.labels["cls"] = _typed(data.decode("utf-8", "replace").strip())
-        elif ext == "json":
-            try:
-                meta = json.loads(data)
-            except (ValueError, UnicodeDecodeError) as e:
-                rec.problems.append(("bad_label", f"{tar_name}:{key}.json is not JSON ({e})"))
-                continue
-            if isinstance(meta, dict):
-                if isinstance(meta.get("id"), str):
-                    rec.source_id = meta["id"]
-                labels = meta.get("labels")
-                if isinstance(labels, dict):  # mmdata's own format: {"id", "labels": {...}}
-                    rec.labels.update(labels)
-    return rec

@@ -53,10 +53,11 @@ class LocalExecutor:
     name = "local"
     writes_shards = False  # the runner's loop writes them as samples arrive
 
-    def __init__(self, workers: int, jobs: int):
+    def __init__(self, workers: int, jobs: int, clock: Callable[[], float] = time.perf_counter):
         self.workers = workers if jobs > 32 else 1
         self.pool = None
         self.shipping = False
+        self.clock = clock  # times the probe window (tests pass a fake one)
 
     def start(self, decoding: bool) -> None:
         """Fork the pool if the jobs will decode or re-encode media and there are workers to share them."""
@@ -75,9 +76,9 @@ class LocalExecutor:
                 return
             spent = 0.0
             for job in window:
-                t0 = time.perf_counter()
+                t0 = self.clock()
                 result = fn(job)
-                spent += time.perf_counter() - t0  # the job only, not the consumer's time between yields
+                spent += self.clock() - t0  # the job only, not the consumer's time between yields
                 yield result
             if spent / len(window) > SHIP_ABOVE:
                 log.debug("%.1f ms a job: encoding the rest in %d processes", 1e3 * spent / len(window),

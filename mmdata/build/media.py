@@ -8,12 +8,13 @@ import struct
 import unicodedata
 import zlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from .align import Record, Reject
-from .discover import read_file
+from .discover import MediaRef
+from .guard import Refused, read_file, read_member
 
 KEEP_IMAGE = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 PIL_SAVE = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
@@ -49,6 +50,7 @@ class Encoded:
     audio_seconds: float | None = None
     text_chars: int | None = None
     text: str | None = None
+    meta: dict[str, Any] | None = None
 
 
 class MediaReject(Exception):
@@ -66,7 +68,7 @@ def encode_record(job: tuple[Record, MediaSettings]) -> Encoded | Reject:
             ref = rec.media.get(modality)
             if ref is None:
                 continue
-            data = ref.data if ref.data is not None else _read(ref.path, ref.size)
+            data = ref.data if ref.data is not None else _read(ref)
             if not data:
                 raise MediaReject("empty_file", f"{modality} {ref.path!r} is empty (0 bytes)")
             if modality == "image":
@@ -79,7 +81,10 @@ def encode_record(job: tuple[Record, MediaSettings]) -> Encoded | Reject:
             out.members[ext] = blob
     except MediaReject as e:
         return Reject(rec.source_id, rec.paths, e.reason, f"{_where(rec)}: {e}")
-    out.members["json"] = SAMPLE_JSON.encode({"id": rec.source_id, "labels": rec.labels}).encode("utf-8")
+    sample = {"id": rec.source_id, "labels": rec.labels}
+    if rec.meta:  # facts that are no label (an url, a caption, a size): kept, never a task
+        sample["meta"] = out.meta = rec.meta
+    out.members["json"] = SAMPLE_JSON.encode(sample).encode("utf-8")
     return out
 
 
@@ -87,11 +92,16 @@ def _where(rec: Record) -> str:
     return rec.paths[0] if len(rec.paths) == 1 else rec.source_id
 
 
-def _read(path: str | None, size: int | None) -> bytes:
+def _read(ref: MediaRef) -> bytes:
+    """A checked file's bytes (never past the size its check saw), or a member's from its container."""
     try:
-        return read_file(path or "", size=size)
+        if ref.container is not None:
+            return read_member(ref.container, ref.offset or 0, ref.size or 0)
+        return read_file(ref.path or "", size=ref.size, max_bytes=ref.size)
+    except Refused as e:
+        raise MediaReject(e.reason, e.message) from None
     except OSError as e:
-        raise MediaReject("unreadable", f"cannot read {path!r}: {e.strerror or e}") from None
+        raise MediaReject("unreadable", f"cannot read {ref.path!r}: {e.strerror or e}") from None
 
 
 # ---- image ---------------------------------------------------------------------------------------------------
@@ -221,16 +231,18 @@ def encode_audio(data: bytes, ext: str, s: MediaSettings) -> tuple[str, bytes, f
     """Return (ext, bytes, seconds): decoded, mixed to the channels, resampled, stored as FLAC or WAV."""
     import soundfile as sf
 
-    if ext == "wav":
-        fmt = wav_format(data)
-        if fmt and ext == s.audio_format and fmt[:2] == (s.sample_rate, s.channels) and fmt[2] == 1 and fmt[3] == 16:
-            frames = fmt[4]
-            if frames == 0:
+    wav = wav_format(data) if ext == "wav" else None  # raises MediaReject for a truncated WAV
+    if wav is not None:
+        if not wav.complete:
+            data = whole_wav(data, wav)  # sizes filled in: libsndfile reads every frame, a kept file is complete
+        if ext == s.audio_format and (wav.rate, wav.channels, wav.tag, wav.bits) == (s.sample_rate, s.channels,
+                                                                                     WAVE_FORMAT_PCM, 16):
+            if wav.frames == 0:
                 raise MediaReject("empty_file", "audio has no samples")
-            if frames / fmt[0] > s.max_audio_seconds:
-                raise MediaReject("too_large", f"audio lasts {frames / fmt[0]:.1f} s > max_audio_seconds "
+            if wav.frames / wav.rate > s.max_audio_seconds:
+                raise MediaReject("too_large", f"audio lasts {wav.frames / wav.rate:.1f} s > max_audio_seconds "
                                   f"{s.max_audio_seconds}; raise max_audio_seconds to keep it")
-            return ext, data, frames / fmt[0]  # complete 16-bit PCM already in the stored form: keep it
+            return ext, data, wav.frames / wav.rate  # complete 16-bit PCM already in the stored form: keep it
     try:
         info = sf.info(io.BytesIO(data))
         rate, frames, channels = int(info.samplerate), int(info.frames), int(info.channels)
@@ -240,8 +252,8 @@ def encode_audio(data: bytes, ext: str, s: MediaSettings) -> tuple[str, bytes, f
         y, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)  # (N, C)
     except MediaReject:
         raise
-    except Exception:  # noqa: BLE001 - not a soundfile format: try librosa (audioread)
-        y, rate = _librosa_decode(data)
+    except Exception as e:  # noqa: BLE001 - not a soundfile format: try librosa (audioread)
+        y, rate = _librosa_decode(data, wav, e)
     if y.shape[0] == 0:
         raise MediaReject("empty_file", "audio has no samples")
     seconds_in = y.shape[0] / rate
@@ -273,7 +285,7 @@ def _mix(y: np.ndarray, channels: int) -> np.ndarray:
     raise MediaReject("unsupported_format", f"audio has {c} channels; cannot map them to {channels}")
 
 
-def _librosa_decode(data: bytes) -> tuple[np.ndarray, int]:
+def _librosa_decode(data: bytes, wav: WavFormat | None, sf_error: Exception) -> tuple[np.ndarray, int]:
     import tempfile
 
     try:
@@ -284,32 +296,97 @@ def _librosa_decode(data: bytes) -> tuple[np.ndarray, int]:
             f.flush()
             y, rate = librosa.load(f.name, sr=None, mono=False)
     except Exception as e:  # noqa: BLE001
+        if wav is not None and wav.tag not in (WAVE_FORMAT_PCM, WAVE_FORMAT_IEEE_FLOAT):  # libsndfile says why
+            why = getattr(sf_error, "error_string", None) or sf_error  # without the BytesIO's repr
+            raise MediaReject("unsupported_format", f"WAV sample format {wav.describe()} cannot be decoded "
+                              f"({why}); convert it to PCM, e.g. ffmpeg -i in.wav -c:a pcm_s16le out.wav") from None
         raise MediaReject("unreadable", f"not a readable audio file ({type(e).__name__}: {e})") from None
     y = np.atleast_2d(y).T.astype(np.float32)  # (C, N) -> (N, C)
     return y, int(rate)
 
 
-def wav_format(data: bytes) -> tuple[int, int, int, int, int] | None:
-    """(rate, channels, format tag, bits, frames) of a complete RIFF/WAVE file; None when it is not one.
+WAVE_FORMAT_PCM, WAVE_FORMAT_IEEE_FLOAT, WAVE_FORMAT_EXTENSIBLE = 0x0001, 0x0003, 0xFFFE
+KSDATAFORMAT_TAIL = b"\x00\x00\x00\x00\x10\x00\x80\x00\x00\xaa\x00\x38\x9b\x71"  # a SubFormat GUID after its tag
+PIPE_SIZES = (0, 0xFFFFFFFF)  # RIFF/data sizes of a writer that could not seek back to fill them in (a pipe)
+SOX_UNSPEC = 0x7FFFF000  # sox's data size for "length unknown" (src/wav.c MS_UNSPEC), cut to whole blocks
 
-    Raises MediaReject for a truncated file (libsndfile would quietly read what is there).
+
+class WavFormat(NamedTuple):  # a tuple: one per WAV a build reads, cheaper to make than a frozen dataclass
+    """A RIFF/WAVE file's sample format and where its whole frames lie."""
+
+    rate: int
+    channels: int
+    tag: int  # format tag; WAVE_FORMAT_EXTENSIBLE is resolved to its SubFormat's tag (1 PCM, 3 float)
+    bits: int
+    block_align: int  # bytes per frame
+    data_start: int  # offset of the first sample byte
+    frames: int  # whole frames present
+    complete: bool  # the RIFF and data sizes are final: the bytes can be stored as they are
+
+    def describe(self) -> str:
+        if self.tag == WAVE_FORMAT_EXTENSIBLE:
+            return "0xFFFE (WAVE_FORMAT_EXTENSIBLE with an unknown SubFormat)"
+        return f"0x{self.tag:04X}" + (f" ({self.bits} bits)" if self.bits else "")
+
+
+def wav_format(data: bytes) -> WavFormat | None:
+    """The format of a RIFF/WAVE file; None when it is not one, or has no usable fmt chunk (libsndfile decides).
+
+    The data chunk runs to the end of the file when its size is a streaming writer's placeholder:
+    0xFFFFFFFF (ffmpeg to a pipe), sox's 0x7ffff000 (when fewer bytes follow), or 0 with sample bytes
+    after it that the RIFF size does not cover. Only whole frames count: a pipe cut mid-frame loses
+    the part of a frame at its end. Any other size that runs past the end of the file, here or in a chunk
+    before the data, raises MediaReject: the file is truncated (libsndfile would quietly read what is there).
     """
     if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
         return None
+    riff_end = 8 + int.from_bytes(data[4:8], "little")
     pos, fmt = 12, None
     while pos + 8 <= len(data):
-        cid, size = data[pos:pos + 4], struct.unpack("<I", data[pos + 4:pos + 8])[0]
+        cid, size = data[pos:pos + 4], int.from_bytes(data[pos + 4:pos + 8], "little")
+        start, present = pos + 8, len(data) - pos - 8
+        if cid == b"data":
+            return _data_chunk(fmt, start, size, present, riff_end, len(data))
+        if size > present:
+            if not all(32 <= b < 127 for b in cid):  # not a chunk id: the walk lost its step
+                raise MediaReject("unreadable", f"WAV is malformed: bytes {pos}-{pos + 3} ({cid!r}) are no chunk "
+                                  "id (a pad byte missing after an odd-sized chunk?); re-export it")
+            raise MediaReject("unreadable", f"WAV is truncated: its {cid.decode('latin-1')!r} chunk declares "
+                              f"{size} bytes, only {present} follow; re-export or re-download it")
         if cid == b"fmt " and size >= 16:
-            fmt = struct.unpack("<HHIIHH", data[pos + 8:pos + 24])  # tag, channels, rate, byte rate, align, bits
-        elif cid == b"data":
-            if pos + 8 + size > len(data):
-                raise MediaReject("unreadable", f"WAV is truncated: data chunk declares {size} bytes, "
-                                  f"{len(data) - pos - 8} present")
-            if fmt is None or fmt[4] == 0:
-                return None
-            return fmt[2], fmt[1], fmt[0], fmt[5], size // fmt[4]
-        pos += 8 + size + (size & 1)
-    raise MediaReject("unreadable", "WAV has no data chunk")
+            tag, channels, rate, _, align, bits = struct.unpack_from("<HHIIHH", data, start)
+            if tag == WAVE_FORMAT_EXTENSIBLE and size >= 40 and data[start + 26:start + 40] == KSDATAFORMAT_TAIL:
+                tag = int.from_bytes(data[start + 24:start + 26], "little")  # SubFormat GUID: tag + fixed tail
+            fmt = (tag, channels, rate, align, bits)
+        pos = start + size + (size & 1)  # odd chunks carry a pad byte
+    raise MediaReject("unreadable", "WAV has no data chunk: it holds no samples; re-export it")
+
+
+def _data_chunk(fmt: tuple[int, int, int, int, int] | None, start: int, size: int, present: int, riff_end: int,
+                length: int) -> WavFormat | None:
+    align = fmt[3] if fmt is not None else 0
+    streaming = (size == 0xFFFFFFFF
+                 or size == 0 and present > 0 and (riff_end - 8 in PIPE_SIZES or riff_end < length)
+                 or align > 0 and size == SOX_UNSPEC - SOX_UNSPEC % align and size > present)
+    if size > present and not streaming:
+        raise MediaReject("unreadable", f"WAV is truncated: its data chunk declares {size} bytes, only {present} "
+                          "follow; re-export or re-download it")
+    if fmt is None or align == 0:
+        return None
+    tag, channels, rate, _, bits = fmt
+    complete = not streaming and start + size <= riff_end <= length + 1  # + 1: a missing last pad byte
+    frames = (present if streaming else size) // align
+    return WavFormat(rate, channels, tag, bits, align, start, frames, complete)
+
+
+def whole_wav(data: bytes, wav: WavFormat) -> bytes:
+    """``data`` as its writer would have finished it, had it been able to seek back: the RIFF and data sizes
+    filled in for the whole frames present. Chunks before the data are kept, any after it dropped."""
+    n = wav.frames * wav.block_align
+    head = bytearray(data[:wav.data_start])
+    struct.pack_into("<I", head, 4, len(head) - 8 + n + (n & 1))
+    struct.pack_into("<I", head, len(head) - 4, n)
+    return b"".join((head, memoryview(data)[wav.data_start:wav.data_start + n], b"\0" * (n & 1)))
 
 
 # ---- text ----------------------------------------------------------------------------------------------------

@@ -2,32 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from ..card import LABEL_PREFIX, Card, SplitInfo
-from ..errors import ConfigError, RejectThresholdError
+from ..card import Card, SplitInfo
+from ..errors import ConfigError, MmdataError, RejectThresholdError
 from ..format import CARD_NAME, INDEX_NAME, REJECTS_NAME, TOKENIZER_DIR, sample_block
 from ..storage import atomic_write
 from ..tasks import Task
-from .align import Record, Reject, align, resolve_tasks
-from .config import BuildConfig
+from .align import Record, Reject, align
+from .config import BuildConfig, replace
 from .discover import discover
+from .hfcard import write_readme
+from .index import write_index
 from .media import Encoded, MediaSettings, encode_record
-from .shards import TMP_SUFFIX, ShardDone, SplitWriter, file_sha256
+from .outdir import DATASET_FILES, JOURNAL, OutLock, done_from_entry, journal_shard, prepare_out
+from .shards import TMP_SUFFIX, ShardDone, SplitWriter
 from .splits import assign_splits, shuffled, split_sort_key
+from .spool import Spool
+from .tars import source_card
 
 log = logging.getLogger(__name__)
 
-JOURNAL = ".mmdata-build.jsonl"  # one line per finished shard; removed when the card is written
-SHARD_RE = re.compile(r"^[A-Za-z0-9_-]+-\d{6}\.tar$")
 DEFAULT_RATE = 16000
 
 
@@ -55,19 +58,30 @@ def build_dataset(source: str | Path, out: str | Path, config: BuildConfig | Non
     if resume and (remote_out or executor != "local"):
         raise ConfigError("--resume works with --executor local and a local output folder; rerun without "
                           "--resume (with --overwrite) to build again")
-    with tempfile.TemporaryDirectory(prefix="mmdata-build-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="mmdata-build-") as tmp, contextlib.ExitStack() as held:
         if is_url(source):
             source = fetch_tree(str(source), Path(tmp) / "source", storage_options)
-        root, layout, raws = discover(source, layout, config)
+        if not remote_out:
+            _check_not_source(Path(source), Path(out))
+            Path(out).mkdir(parents=True, exist_ok=True)
+            held.enter_context(OutLock(Path(out)))  # one build at a time writes OUT
+        spool = Spool(Path(tmp) / "spool")
+        try:
+            root, layout, raws = discover(source, layout, config, exclude=None if remote_out else Path(out),
+                                          spool=spool)
+        finally:
+            spool.close()  # before any worker reads it
         log.info("discovered %d records (%s layout) under %s", len(raws), layout, root)
-        tasks = resolve_tasks(raws, config)
+        if layout == "webdataset" and not config.tasks and (own := source_card(root)) is not None:
+            log.info("the source is an mmdata dataset: its tasks and class names carry over")
+            config = replace(config, tasks=tuple(own.tasks))
         dest = Storage(out if remote_out else Path(out).absolute(), storage_options)
         if remote_out:
             _prepare_remote(dest, overwrite=overwrite)
         work = Path(tmp) / "staging" if remote_out else Path(out)
         pool = make_executor(executor, workers=config.num_workers, jobs=len(raws), ray_address=ray_address)
         try:
-            card = _build(raws, root, layout, tasks, work, config, pool, dest, overwrite=overwrite, resume=resume,
+            card = _build(raws, root, layout, work, config, pool, dest, overwrite=overwrite, resume=resume,
                           progress=progress)
         finally:
             pool.close()
@@ -75,6 +89,14 @@ def build_dataset(source: str | Path, out: str | Path, config: BuildConfig | Non
             publish(work, dest)
     _check_reject_fraction(card, config.max_reject_fraction, out)
     return card
+
+
+def _check_not_source(source: Path, out: Path) -> None:
+    """Refuse to write shards among the input: OUT must not be the source folder (or the tars' folder)."""
+    folder = source if source.is_dir() else source.parent
+    if out.exists() and os.path.realpath(out) == os.path.realpath(folder):
+        raise ConfigError(f"output folder {str(out)!r} is the source folder; the build would write its shards "
+                          "among its input: give another output folder")
 
 
 def _check_reject_fraction(card: Card, limit: float, out: str | Path) -> None:
@@ -89,19 +111,27 @@ def _check_reject_fraction(card: Card, limit: float, out: str | Path) -> None:
 
 
 def _prepare_remote(dest, *, overwrite: bool) -> None:
-    """Decommit and clear our own files under a remote ``out``; never touch anything else there."""
+    """Decommit and clear the files the old card lists under a remote ``out``; never touch anything else."""
     names = dest.names()
     if names and not overwrite:
         raise ConfigError(f"output {dest.url!r} is not empty; pass --overwrite to replace the dataset there")
+    ours: set[str] = set()
+    if CARD_NAME in names:
+        try:
+            card = Card.from_json(dest.read(CARD_NAME).decode("utf-8"))
+        except (MmdataError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{dest.url!r} holds a {CARD_NAME} that cannot be read ({e}); remove it to "
+                              "build there") from None
+        ours = {s.file for split in card.splits.values() for s in split.shards} | set(DATASET_FILES)
     dest.decommit()
     for name in names:
-        if name in (INDEX_NAME, REJECTS_NAME, TOKENIZER_DIR) or SHARD_RE.match(name):
+        if name in ours:
             dest.remove(name)
 
 
-def _build(raws, root: Path, layout: str, tasks: tuple[Task, ...], out: Path, config: BuildConfig, pool, dest,
+def _build(raws, root: Path, layout: str, out: Path, config: BuildConfig, pool, dest,
            *, overwrite: bool, resume: bool, progress: bool) -> Card:
-    records, rejects = align(raws, root, tasks, config, map_fn=pool.check_map)
+    records, rejects, tasks = align(raws, root, config, map_fn=pool.check_map)
     settings = _media_settings(records, config)
     pool.start(decoding=_decodes(records, settings))
     split_of = assign_splits(records, config)
@@ -109,15 +139,15 @@ def _build(raws, root: Path, layout: str, tasks: tuple[Task, ...], out: Path, co
     resolved.update(layout=layout, sample_rate=settings.sample_rate,
                     tasks={t.name: {k: v for k, v in t.to_dict().items() if k != "name"} for t in tasks})
     fingerprint = _fingerprint(resolved, records, split_of)
-    journal = _prepare_out(out, fingerprint, overwrite=overwrite, resume=resume)
+    split_names = sorted(set(split_of.values()), key=split_sort_key)
+    journal = prepare_out(out, fingerprint, split_names, overwrite=overwrite, resume=resume)
 
     by_key = {r.key: r for r in records}
-    split_names = sorted(set(split_of.values()), key=split_sort_key)
     orders = {s: shuffled([k for k, v in split_of.items() if v == s], s, config.seed) for s in split_names}
     done: dict[str, list[ShardDone]] = {s: [] for s in split_names}
     consumed: dict[str, int] = dict.fromkeys(split_names, 0)
     for entry in journal:  # shards finished by an earlier, interrupted run (checked by hash)
-        done[entry["split"]].append(_done_from_entry(entry))
+        done[entry["split"]].append(done_from_entry(entry))
         consumed[entry["split"]] = entry["consumed"]
         rejects += [Reject(**{**r, "paths": tuple(r["paths"])}) for r in entry["rejects"]]
     todo = sum(len(orders[s]) - consumed[s] for s in split_names)
@@ -137,7 +167,10 @@ def _build(raws, root: Path, layout: str, tasks: tuple[Task, ...], out: Path, co
                 rejects += more
                 bar.update(len(order))
                 continue
-            writer = SplitWriter(out, split, config.max_samples, config.max_bytes, first_index=len(done[split]))
+            kept = sum(len(t.encode("utf-8")) for d in done[split] for t in d.texts)  # by a resumed build's shards
+            budget = max(0, config.tokenizer_sample_bytes - kept) if split == "train" else 0
+            writer = SplitWriter(out, split, config.max_samples, config.max_bytes, first_index=len(done[split]),
+                                 text_budget=budget)
             writers.append(writer)
             pending: list[Reject] = []
             jobs = ((by_key[k], settings) for k in order[consumed[split]:])
@@ -150,20 +183,20 @@ def _build(raws, root: Path, layout: str, tasks: tuple[Task, ...], out: Path, co
                         continue
                     closed = writer.add(result)
                     if closed:
-                        _journal(jf, split, closed, pos, pending)
+                        journal_shard(jf, split, closed, pos, pending)
                         done[split].append(closed)
                         rejects, pending = rejects + pending, []
                 closed = writer.close()
             finally:
                 writer.abandon()  # after an error: stop the open shard's thread
             if closed:
-                _journal(jf, split, closed, len(order), pending)
+                journal_shard(jf, split, closed, len(order), pending)
                 done[split].append(closed)
             rejects += pending
     bar.close()
     for writer in writers:  # every shard on disk before the card says the dataset is there
         writer.sync()
-    return _finish(out, config, resolved, tasks, settings, done, rejects, len(raws))
+    return _finish(out, config, resolved, tasks, settings, done, rejects, len(raws), fingerprint)
 
 
 def encode_and_pack(job: tuple[Record, MediaSettings]) -> Encoded | Reject:
@@ -206,69 +239,12 @@ def _fingerprint(resolved: dict[str, Any], records: list[Record], split_of: dict
     return hashlib.sha256(json.dumps([resolved, facts], sort_keys=True).encode()).hexdigest()
 
 
-# ---- output folder and journal -----------------------------------------------------------------------------
-
-
-def _prepare_out(out: Path, fingerprint: str, *, overwrite: bool, resume: bool) -> list[dict[str, Any]]:
-    """Make ``out`` ready; return the journal entries of shards that a resumed build keeps."""
-    out.mkdir(parents=True, exist_ok=True)
-    jpath = out / JOURNAL
-    entries: list[dict[str, Any]] = []
-    if resume and jpath.exists():
-        lines = [json.loads(line) for line in jpath.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if lines and lines[0].get("fingerprint") != fingerprint:
-            if not overwrite:
-                raise ConfigError(f"the partial build in {str(out)!r} came from other input or config; rerun "
-                                  "with the same input and config, or with --overwrite to start over")
-        else:
-            entries = _valid_entries(out, lines[1:])
-    elif any(out.iterdir()) and not (overwrite or resume):
-        raise ConfigError(f"output folder {str(out)!r} is not empty; pass --overwrite to replace the dataset "
-                          "there, or --resume to continue an interrupted build")
-    keep = {e["file"] for e in entries}
-    for p in out.iterdir():  # remove our own files only, never anything else the user put there
-        ours = p.name in (CARD_NAME, INDEX_NAME, REJECTS_NAME, JOURNAL, TOKENIZER_DIR) or p.name.endswith(TMP_SUFFIX)
-        if ours or (SHARD_RE.match(p.name) and p.name not in keep):
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else os.remove(p)
-    with open(jpath, "w", encoding="utf-8") as f:
-        f.write(json.dumps({"fingerprint": fingerprint}) + "\n")
-        for e in entries:
-            f.write(json.dumps(e) + "\n")
-    return entries
-
-
-def _valid_entries(out: Path, lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Journal entries whose shard is present with the recorded hash; a split stops at its first bad one."""
-    good, broken = [], set()
-    for e in lines:
-        p = out / e["file"]
-        if e["split"] in broken or not p.is_file() or file_sha256(p) != e["sha256"]:
-            broken.add(e["split"])
-            continue
-        good.append(e)
-    return good
-
-
-def _journal(jf, split: str, done: ShardDone, consumed: int, rejects: list[Reject]) -> None:
-    entry = {"split": split, "file": done.info.file, "samples": done.info.samples, "bytes": done.info.bytes,
-             "sha256": done.info.sha256, "consumed": consumed, "rows": done.rows, "texts": done.texts,
-             "rejects": [r.to_dict() for r in rejects]}
-    jf.write(json.dumps(entry) + "\n")
-    jf.flush()  # no fsync: a resumed build checks each listed shard's hash, so a lost line only costs a redo
-
-
-def _done_from_entry(e: dict[str, Any]) -> ShardDone:
-    from ..card import ShardInfo
-
-    return ShardDone(ShardInfo(e["file"], e["samples"], e["bytes"], e["sha256"]), e["rows"], e["texts"])
-
-
 # ---- card, index, rejects, tokenizer (written last) --------------------------------------------------------
 
 
 def _finish(out: Path, config: BuildConfig, resolved: dict[str, Any], tasks: tuple[Task, ...],
             settings: MediaSettings, done: dict[str, list[ShardDone]], rejects: list[Reject],
-            num_input: int) -> Card:
+            num_input: int, fingerprint: str) -> Card:
     rows = [row for split in done for d in done[split] for row in d.rows]
     written = len(rows)
     if written + len(rejects) != num_input:
@@ -289,11 +265,12 @@ def _finish(out: Path, config: BuildConfig, resolved: dict[str, Any], tasks: tup
     reasons = Counter(r.reason for r in rejects)
     counts = {"input": num_input, "written": written, "rejected": dict(sorted(reasons.items()))}
     card = Card(modalities=modalities, tasks=_task_list(tasks), splits=splits, build_config=resolved,
-                counts=counts)
+                counts=counts, fingerprint=fingerprint)
     texts = [t for d in done.get("train", []) for t in d.texts]
     if texts and config.tokenizer_vocab > 0:
         _write_tokenizer(out, texts, config.tokenizer_vocab)
-    _write_index(out / INDEX_NAME, rows, tasks)
+    write_index(out / INDEX_NAME, rows, tasks)
+    write_readme(out, card, rejects)
     lines = "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n"
                     for r in sorted(rejects, key=lambda r: (r.source_id, r.reason, r.paths)))
     atomic_write(out / REJECTS_NAME, lines.encode("utf-8"))
@@ -322,24 +299,6 @@ def _label_counts(tasks: tuple[Task, ...], rows: list[dict[str, Any]]) -> dict[s
         c["missing"] = sum(v is None for v in vals)
         out[t.name] = c
     return out
-
-
-def _write_index(path: Path, rows: list[dict[str, Any]], tasks: tuple[Task, ...]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    fields = [("key", pa.string()), ("split", pa.string()), ("shard", pa.string()), ("offset", pa.int64()),
-              ("size", pa.int64()), ("modalities", pa.list_(pa.string())), ("image_width", pa.int64()),
-              ("image_height", pa.int64()), ("audio_seconds", pa.float64()), ("text_chars", pa.int64()),
-              ("source_id", pa.string())]
-    cols = {name: pa.array([r[name] for r in rows], type=typ) for name, typ in fields}
-    label_type = {"classification": pa.int64(), "multilabel": pa.list_(pa.int64()),
-                  "regression": pa.list_(pa.float64())}
-    for t in tasks:
-        cols[LABEL_PREFIX + t.name] = pa.array([r["labels"].get(t.name) for r in rows], type=label_type[t.type])
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    pq.write_table(pa.table(cols), tmp)
-    os.replace(tmp, path)
 
 
 def _write_tokenizer(out: Path, texts: list[str], vocab: int) -> None:

@@ -26,7 +26,7 @@ def index_row(enc: Encoded, split: str, shard: str, offset: int, size: int) -> d
         "key": enc.key, "split": split, "shard": shard, "offset": offset, "size": size,
         "modalities": modalities, "image_width": enc.image_width, "image_height": enc.image_height,
         "audio_seconds": enc.audio_seconds, "text_chars": enc.text_chars, "source_id": enc.source_id,
-        "labels": enc.labels, "exts": sorted(enc.exts),
+        "labels": enc.labels, "exts": sorted(enc.exts), "meta": enc.meta or {},
     }
 
 
@@ -48,10 +48,12 @@ class SplitWriter:
     shard is also on disk (call it before the card).
     """
 
-    def __init__(self, out: Path, split: str, max_samples: int, max_bytes: int, first_index: int = 0):
+    def __init__(self, out: Path, split: str, max_samples: int, max_bytes: int, first_index: int = 0,
+                 text_budget: int = 0):
         self.out, self.split = out, split
         self.max_samples, self.max_bytes = max_samples, max_bytes
         self.index = first_index
+        self.text_budget = text_budget  # UTF-8 bytes of text kept for the tokenizer, over the whole split
         self._sink: _Sink | None = None
         self._closed: list[_Sink] = []  # renamed, maybe not yet fsynced
         self._pos = 0
@@ -75,8 +77,10 @@ class SplitWriter:
         self._sink.put(enc.block)
         self._rows.append(index_row(enc, self.split, self.name, self._pos, size))
         self._pos += size
-        if enc.text is not None:
-            self._texts.append(enc.text)
+        if enc.text is not None and self.text_budget > 0:
+            text = enc.text.encode("utf-8")[: self.text_budget].decode("utf-8", "ignore")
+            self.text_budget -= len(text.encode("utf-8")) or 1
+            self._texts.append(text)
         return done
 
     def close(self) -> ShardDone | None:

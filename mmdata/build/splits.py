@@ -26,6 +26,8 @@ def assign_splits(records: list[Record], config: BuildConfig) -> dict[str, str]:
     """Return {key: split}. Deterministic for config.seed; independent of the records' input order."""
     if not config.split_by and not (config.val or config.test):
         return {r.key: r.split or "train" for r in records}
+    if any(r.split for r in records):
+        log.info("split_by/val/test assign the splits: the splits the input names are not used")
     # a record without a group value is a group of its own
     groups = {r.key: (f"group:{r.group}" if r.group is not None else f"id:{r.source_id}") for r in records}
     if config.split_by and all(r.group is None for r in records) and records:
