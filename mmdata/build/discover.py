@@ -11,13 +11,14 @@ from typing import Any
 from ..errors import DatasetNotFoundError, SchemaError
 from .config import BuildConfig
 from .guard import Refused, parse_json, read_inside, read_regular
+from .hfparquet import from_parquet, is_hf_parquet, parquet_files
 from .records import AUDIO_EXTS, IMAGE_EXTS, SPLIT_NAMES, TEXT_EXTS, MediaRef, RawRecord, modality_of_ext  # noqa: F401 - the names discovery has always exported
 from .spool import Spool
 from .tars import TAR_EXTS, from_tars, source_card, tar_files
 
 log = logging.getLogger(__name__)
 
-LAYOUTS = ("auto", "folders", "stems", "manifest", "webdataset")
+LAYOUTS = ("auto", "folders", "stems", "manifest", "webdataset", "hfparquet")
 TABLE_EXTS = (".csv", ".jsonl", ".parquet")
 LABEL_TABLE_NAMES = ("labels.csv", "labels.jsonl", "labels.parquet")
 MAX_LABELS_BYTES = 16 * 2**20  # one sample's labels.json
@@ -31,6 +32,8 @@ def detect_layout(source: Path) -> str:
     if source.is_file():
         if text.endswith(TAR_EXTS):
             return "webdataset"
+        if source.suffix.lower() == ".parquet" and is_hf_parquet(source):
+            return "hfparquet"
         if source.suffix.lower() in TABLE_EXTS:
             return "manifest"
         raise SchemaError(f"cannot tell the layout of file {text!r}; give a CSV/JSONL/Parquet manifest or a tar")
@@ -40,6 +43,8 @@ def detect_layout(source: Path) -> str:
         children = sorted(it, key=lambda e: e.name)
     if any(c.is_file() and c.name.endswith(TAR_EXTS) for c in children):
         return "webdataset"
+    if parquet_files(source):  # Hugging Face's SPLIT-00000-of-00001.parquet, maybe under data/
+        return "hfparquet"
     for c in children:
         if not c.is_dir():
             continue
@@ -77,6 +82,15 @@ def discover(source: str | Path, layout: str, config: BuildConfig, exclude: Path
         if spool is None:
             raise SchemaError("the webdataset layout needs a spool folder for compressed shards")
         return root, layout, from_tars(files, config, spool, source_card(root))
+    if layout == "hfparquet":
+        files = [src] if src.is_file() else parquet_files(src)
+        if not files:
+            raise DatasetNotFoundError(f"no Parquet files in {str(src)!r}; give a .parquet file or a folder of "
+                                       "SPLIT-*.parquet files")
+        root = src.parent if src.is_file() else src
+        if spool is None:
+            raise SchemaError("the hfparquet layout needs a spool folder for embedded bytes")
+        return root, layout, from_parquet(files, config, spool, root=root)
     if layout == "manifest":
         if not src.is_file():
             raise DatasetNotFoundError(f"manifest {str(src)!r} is not a file; give a CSV, JSONL or Parquet file")

@@ -14,15 +14,16 @@ from typing import Any
 
 from ..card import Card, SplitInfo
 from ..errors import ConfigError, MmdataError, RejectThresholdError
-from ..format import CARD_NAME, INDEX_NAME, REJECTS_NAME, TOKENIZER_DIR, sample_block
+from ..format import CARD_NAME, INDEX_NAME, REJECTS_NAME, TOKENIZER_DIR
 from ..storage import atomic_write
 from ..tasks import Task
 from .align import Record, Reject, align
 from .config import BuildConfig, replace
 from .discover import discover
 from .hfcard import write_readme
+from .hfparquet import class_names, parquet_files
 from .index import write_index
-from .media import Encoded, MediaSettings, encode_record
+from .media import MediaSettings, encode_and_pack
 from .outdir import DATASET_FILES, JOURNAL, OutLock, done_from_entry, journal_shard, prepare_out
 from .shards import TMP_SUFFIX, ShardDone, SplitWriter
 from .splits import assign_splits, shuffled, split_sort_key
@@ -72,9 +73,8 @@ def build_dataset(source: str | Path, out: str | Path, config: BuildConfig | Non
         finally:
             spool.close()  # before any worker reads it
         log.info("discovered %d records (%s layout) under %s", len(raws), layout, root)
-        if layout == "webdataset" and not config.tasks and (own := source_card(root)) is not None:
-            log.info("the source is an mmdata dataset: its tasks and class names carry over")
-            config = replace(config, tasks=tuple(own.tasks))
+        if not config.tasks:
+            config = replace(config, tasks=_source_tasks(source, root, layout))
         dest = Storage(out if remote_out else Path(out).absolute(), storage_options)
         if remote_out:
             _prepare_remote(dest, overwrite=overwrite)
@@ -89,6 +89,23 @@ def build_dataset(source: str | Path, out: str | Path, config: BuildConfig | Non
             publish(work, dest)
     _check_reject_fraction(card, config.max_reject_fraction, out)
     return card
+
+
+def _source_tasks(source: str | Path, root: Path, layout: str) -> tuple[Task, ...]:
+    """Tasks the input declares itself, with their class order: an mmdata dataset's card, a Hugging Face
+    file's ClassLabel features (others' classes are inferred from the values: sorted)."""
+    if layout == "webdataset" and (own := source_card(root)) is not None:
+        log.info("the source is an mmdata dataset: its tasks and class names carry over")
+        return tuple(own.tasks)
+    if layout == "hfparquet":
+        first = Path(source) if Path(source).is_file() else (parquet_files(Path(source)) or [None])[0]
+        labels = class_names(first) if first is not None else {}
+        if labels:
+            log.info("ClassLabel columns %s keep their Hugging Face class order; other label columns are "
+                     "tasks only when declared in the build config", sorted(labels))
+        return tuple(Task(c, "multilabel" if many else "classification", tuple(names))
+                     for c, (names, many) in labels.items())
+    return ()
 
 
 def _check_not_source(source: Path, out: Path) -> None:
@@ -197,16 +214,6 @@ def _build(raws, root: Path, layout: str, out: Path, config: BuildConfig, pool, 
     for writer in writers:  # every shard on disk before the card says the dataset is there
         writer.sync()
     return _finish(out, config, resolved, tasks, settings, done, rejects, len(raws), fingerprint)
-
-
-def encode_and_pack(job: tuple[Record, MediaSettings]) -> Encoded | Reject:
-    """encode_record, then the sample's tar bytes (so the main process only appends them)."""
-    res = encode_record(job)
-    if isinstance(res, Encoded):
-        res.exts = tuple(sorted(res.members))
-        res.block = sample_block(res.key, res.members)
-        res.members = {}
-    return res
 
 
 def _decodes(records: list[Record], s: MediaSettings) -> bool:
