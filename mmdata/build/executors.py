@@ -28,7 +28,7 @@ from ..card import ShardInfo
 from ..errors import ConfigError
 from ..format import archive_bytes, shard_name
 from .align import Reject
-from .media import Encoded
+from .media import Encoded, encode_and_pack
 from .shards import ShardDone, index_row
 
 log = logging.getLogger(__name__)
@@ -231,7 +231,6 @@ def _map_chunk(fn: Callable, jobs: list) -> list:
 
 
 def _encode_chunk(jobs: list[tuple]) -> tuple[list[int | Reject], list[Encoded | None]]:
-    from .runner import encode_and_pack
 
     results = [encode_and_pack(job) for job in jobs]
     sizes = [r if isinstance(r, Reject) else len(r.block) for r in results]

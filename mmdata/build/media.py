@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from ..format import sample_block
 from .align import Record, Reject
 from .discover import MediaRef
 from .guard import Refused, read_file, read_member
@@ -86,6 +87,16 @@ def encode_record(job: tuple[Record, MediaSettings]) -> Encoded | Reject:
         sample["meta"] = out.meta = rec.meta
     out.members["json"] = SAMPLE_JSON.encode(sample).encode("utf-8")
     return out
+
+
+def encode_and_pack(job: tuple[Record, MediaSettings]) -> Encoded | Reject:
+    """encode_record, then the sample's tar bytes (so the main process only appends them)."""
+    res = encode_record(job)
+    if isinstance(res, Encoded):
+        res.exts = tuple(sorted(res.members))
+        res.block = sample_block(res.key, res.members)
+        res.members = {}
+    return res
 
 
 def _where(rec: Record) -> str:
