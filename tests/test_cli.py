@@ -224,3 +224,18 @@ def test_no_file_names_a_path_of_a_developers_machine():
         text = (ROOT / name).read_text()
         offenders += [f"{name}: {m.group()}" for m in DEVELOPER_PATHS.finditer(text)]
     assert offenders == []
+
+
+def test_a_full_disk_is_one_line_and_exit_1(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import mmdata.build.runner
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    write_folders(tmp_path / "raw", n=3)
+    monkeypatch.setattr(mmdata.build.runner, "atomic_write", full)
+    assert main(["build", str(tmp_path / "raw"), str(tmp_path / "ds"), "--workers", "1", "-q"]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"mmdata build: error: No space left on device: {tmp_path / 'ds' / 'rejects.jsonl'}"]

@@ -83,6 +83,10 @@ def test_img2dataset_shards_keep_every_sample_label_and_field(tmp_path, caplog):
         assert ANIMALS[d["labels"]["class_name"]] == ANIMALS[i % 3]
         assert d["meta"]["url"] == f"https://example.com/{i}.jpg" and d["meta"]["width"] == 8
         assert d["meta"]["sha256"] == f"{i:064x}" and "label" not in d["meta"]
+    index = pq.read_table(tmp_path / "out" / "index.parquet")  # the meta fields, filterable
+    by_id = {r["source_id"]: r for r in index.to_pylist()}
+    assert by_id["000000004"]["meta.url"] == "https://example.com/4.jpg"
+    assert index.schema.field("meta.width").type == "int64" and index.schema.field("meta.caption").type == "string"
 
 
 def test_a_declared_task_reads_a_json_field_and_infers_its_classes(tmp_path):

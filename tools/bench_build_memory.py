@@ -3,7 +3,7 @@
 Each build runs in its own process and reports its peak resident set (VmHWM); the figure that counts is
 the difference between the small and the large input, measured in the same run.
 
-    python tools/bench_build_memory.py                 # 30 MB vs 300 MB of shards, then the 20 MB text
+    python tools/bench_build_memory.py   # 30 MB vs 300 MB of shards, a 22 MB text, a .tgz with a 1 GiB member
     python tools/bench_build_memory.py --small 10 --large 100 --runs 3
 """
 
@@ -88,6 +88,42 @@ def main() -> None:
         (raw / "labels.json").write_text('{"digit": 1}')
         kib = peak_kib(["build", str(work / "text"), str(work / "out-text"), "-q", "--workers", "1"])
         print(f"one 22 MB text (tokenizer on the default 50 MB sample): peak RSS {kib / 1024:.0f} MB")
+        (work / "tgz").mkdir()
+        with tarfile.open(work / "tgz" / "huge.tgz", "w:gz", compresslevel=1) as tar:
+            for name, size in (("big.png", 2**30), ("small.png", 0)):
+                info = tarfile.TarInfo(name)
+                info.size = size
+                tar.addfile(info, _Zeros(size) if size else None)
+            info = tarfile.TarInfo("ok.png")
+            info.size = len(buf_png := _png())
+            tar.addfile(info, io.BytesIO(buf_png))
+        kib = peak_kib(["build", str(work / "tgz"), str(work / "out-tgz"), "-q", "--workers", "1",
+                        "--set", "max_reject_fraction=1"])
+        rejects = (work / "out-tgz" / "rejects.jsonl").read_text().splitlines()
+        print(f".tgz of {(work / 'tgz' / 'huge.tgz').stat().st_size / 2**20:.1f} MB holding a 1 GiB member: peak RSS "
+              f"{kib / 1024:.0f} MB; rejects: {[json.loads(r)['reason'] for r in rejects]}")
+
+
+class _Zeros(io.RawIOBase):
+    """``size`` zero bytes, read in pieces: a 1 GiB member without 1 GiB in memory."""
+
+    def __init__(self, size: int):
+        self.left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = min(len(b), self.left)
+        b[:n] = bytes(n)
+        self.left -= n
+        return n
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (8, 8)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 if __name__ == "__main__":
