@@ -197,3 +197,27 @@ def test_rebuild_is_byte_identical_readme_included(tmp_path):
     readme = a[README_NAME].decode("utf-8")
     assert str(tmp_path) not in readme and "/tmp" not in readme
     assert not list((tmp_path / "a").glob("*.partial"))
+
+
+def test_meta_fields_of_others_shards_load_with_datasets(tmp_path, hf):
+    import tarfile
+
+    from conftest import image_bytes
+
+    datasets, home = hf
+    src = tmp_path / "crawl"
+    src.mkdir()
+    with tarfile.open(src / "train-00000.tar", "w") as tar:
+        for i in range(4):
+            meta = {"url": f"https://example.com/{i}.png", "width": 8 + i % 3, "score": i / 2, "label": i % 2}
+            for ext, data in (("png", image_bytes(i)), ("json", json.dumps(meta).encode())):
+                info = tarfile.TarInfo(f"k{i}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    build_dataset(src, tmp_path / "ds", BuildConfig(workers=1, tokenizer_vocab=0), progress=False)
+    rows = list(datasets.load_dataset(str(tmp_path / "ds"), cache_dir=str(home / "datasets"))["train"])
+    members = read_members(tmp_path / "ds")
+    assert len(rows) == 4
+    for row in rows:
+        stored = json.loads(members[row["__key__"]]["json"])
+        assert row["json"] == stored and set(stored["meta"]) == {"url", "width", "score"}  # nothing dropped

@@ -28,14 +28,17 @@ HEADER_KEYS = ("license", "pretty_name")  # copied into the YAML header when the
 EXAMPLE_IDS = 3  # source ids shown per reject reason
 
 
-def write_readme(out: Path, card: Card, rejects: list[Reject]) -> None:
-    """Write OUT/README.md atomically: the Hugging Face YAML header, then a summary for people."""
-    atomic_write(Path(out) / README_NAME, readme_text(card, rejects).encode("utf-8"))
+def write_readme(out: Path, card: Card, rejects: list[Reject], meta: dict[str, str] | None = None) -> None:
+    """Write OUT/README.md atomically: the Hugging Face YAML header, then a summary for people.
+
+    ``meta`` maps the samples' meta fields to their `datasets` dtypes (undeclared, `datasets` drops them).
+    """
+    atomic_write(Path(out) / README_NAME, readme_text(card, rejects, meta).encode("utf-8"))
 
 
-def readme_text(card: Card, rejects: list[Reject]) -> str:
+def readme_text(card: Card, rejects: list[Reject], meta: dict[str, str] | None = None) -> str:
     """Return the whole README.md: the ``---``-fenced YAML header, then Markdown."""
-    header = yaml.safe_dump(hf_header(card), sort_keys=False, allow_unicode=True, width=100)
+    header = yaml.safe_dump(hf_header(card, meta), sort_keys=False, allow_unicode=True, width=100)
     title = card.build_config.get("pretty_name") or "Multimodal dataset"
     parts = [f"---\n{header}---\n\n# {title}\n", _intro(card), _splits(card), _tasks(card), _rejects(card, rejects),
              _how_built(card), _loading(card)]
@@ -47,7 +50,7 @@ def hf_split(split: str) -> str:
     return HF_SPLITS.get(split, re.sub(r"\W", "_", split))
 
 
-def hf_header(card: Card) -> dict[str, Any]:
+def hf_header(card: Card, meta: dict[str, str] | None = None) -> dict[str, Any]:
     """Return the YAML header: one ``default`` config with a shard glob per split, and the features."""
     header: dict[str, Any] = {k: card.build_config[k] for k in HEADER_KEYS if card.build_config.get(k)}
     files = []
@@ -56,11 +59,11 @@ def hf_header(card: Card) -> dict[str, Any]:
         path: str | list[str] = [s.file for s in info.shards] if clash else f"{split}-*.tar"
         files.append({"split": hf_split(split), "path": path})
     header["configs"] = [{"config_name": "default", "data_files": files}]
-    header["dataset_info"] = {"features": hf_features(card)}
+    header["dataset_info"] = {"features": hf_features(card, meta)}
     return header
 
 
-def hf_features(card: Card) -> list[dict[str, Any]]:
+def hf_features(card: Card, meta: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """List the features as `datasets` writes them in YAML: a column per member extension, then key and url."""
     m = card.modalities
     dtypes: dict[str, Any] = {}
@@ -71,10 +74,12 @@ def hf_features(card: Card) -> list[dict[str, Any]]:
     if "text" in m:
         dtypes["txt"] = "string"
     feats = [{"name": ext, "dtype": dtypes[ext]} for ext in sorted(dtypes, key=MEMBER_ORDER.index)]
-    meta = [{"name": "id", "dtype": "string"}]
+    fields: list[dict[str, Any]] = [{"name": "id", "dtype": "string"}]
     if card.tasks:
-        meta.append({"name": "labels", "struct": [_task_feature(t) for t in card.tasks]})
-    feats.append({"name": "json", "struct": meta})
+        fields.append({"name": "labels", "struct": [_task_feature(t) for t in card.tasks]})
+    if meta:
+        fields.append({"name": "meta", "struct": [{"name": k, "dtype": v} for k, v in sorted(meta.items())]})
+    feats.append({"name": "json", "struct": fields})
     return feats + [{"name": "__key__", "dtype": "string"}, {"name": "__url__", "dtype": "string"}]
 
 

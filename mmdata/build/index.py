@@ -16,13 +16,14 @@ from .shards import TMP_SUFFIX
 
 LABEL_NAME_PREFIX = "label_name:"  # class names beside each classification/multilabel ``label:`` column
 META_PREFIX = "meta."  # a sample's meta fields (others' json fields, a manifest's extra columns): filterable
-CLASSES_KEY = b"mmdata:classes"  # schema metadata: JSON {task: [class names]}
+CLASSES_KEY = b"mmdata:classes"
+HF_DTYPES = {"int64": "int64", "double": "float64", "bool": "bool", "string": "string"}  # arrow -> `datasets`  # schema metadata: JSON {task: [class names]}
 
 
-def write_index(path: Path, rows: list[dict[str, Any]], tasks: tuple[Task, ...]) -> None:
+def write_index(path: Path, rows: list[dict[str, Any]], tasks: tuple[Task, ...]) -> dict[str, str]:
     """One row per sample (key, split, shard, byte offset and size, media sizes, source id) + columns per task.
 
-    Each meta field of the samples is a ``meta.NAME`` column. Every task has ``label:TASK`` (class index, index list or floats); a classification task also has
+    Each meta field of the samples is a ``meta.NAME`` column; returns their `datasets` dtypes. Every task has ``label:TASK`` (class index, index list or floats); a classification task also has
     ``label_name:TASK`` (dictionary-encoded class name), a multilabel task a list of them; the schema
     metadata ``mmdata:classes`` holds every class list as JSON.
     """
@@ -45,6 +46,8 @@ def write_index(path: Path, rows: list[dict[str, Any]], tasks: tuple[Task, ...])
     tmp = path.with_name(path.name + TMP_SUFFIX)
     pq.write_table(table, tmp)
     os.replace(tmp, path)
+    return {name[len(META_PREFIX):]: HF_DTYPES.get(str(table.schema.field(name).type), "string")
+            for name in table.column_names if name.startswith(META_PREFIX)}
 
 
 def _class_names(values: list[Any], task: Task) -> pa.Array:

@@ -276,8 +276,8 @@ def _finish(out: Path, config: BuildConfig, resolved: dict[str, Any], tasks: tup
     texts = [t for d in done.get("train", []) for t in d.texts]
     if texts and config.tokenizer_vocab > 0:
         _write_tokenizer(out, texts, config.tokenizer_vocab)
-    write_index(out / INDEX_NAME, rows, tasks)
-    write_readme(out, card, rejects)
+    meta = write_index(out / INDEX_NAME, rows, tasks)
+    write_readme(out, card, rejects, meta)
     lines = "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n"
                     for r in sorted(rejects, key=lambda r: (r.source_id, r.reason, r.paths)))
     atomic_write(out / REJECTS_NAME, lines.encode("utf-8"))
