@@ -2,7 +2,7 @@
 
 Exit status, the same for `mmdata` and `mtml`: 0 success; 1 the data failed a check (or the system refused:
 a full disk, a locked output); 2 a usage or config error; 3 an unexpected internal error, printed as one
-line (the traceback with ``-v``); 130 interrupted.
+line (the traceback with ``-v``); 130 interrupted; 141 the reader of stdout went away (``| head``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ COMMANDS = {
     "stats": ("mmdata.stats", "plot label distributions and media size histograms"),
 }
 LOGGERS = ("mmdata", "mtml_models")  # the packages whose log level -v and -q set
-EXIT_OK, EXIT_DATA, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_DATA, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 1, 2, 3, 130, 141
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -83,6 +83,8 @@ def run_cli(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         print(f"{where}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `mmdata info DS | head`: the reader left; say nothing, as `cat` would
+        return EXIT_BROKEN_PIPE
     except OSError as e:  # the system refused: a full disk, a read-only folder, a vanished file
         if args.verbose:
             traceback.print_exc()

@@ -239,3 +239,12 @@ def test_a_full_disk_is_one_line_and_exit_1(tmp_path, monkeypatch, capsys):
     assert main(["build", str(tmp_path / "raw"), str(tmp_path / "ds"), "--workers", "1", "-q"]) == 1
     err = capsys.readouterr().err
     assert err.splitlines() == [f"mmdata build: error: No space left on device: {tmp_path / 'ds' / 'rejects.jsonl'}"]
+
+
+def test_a_reader_that_goes_away_is_no_error(built, monkeypatch, capsys):
+    def piped(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(mmdata.info, "run", piped)
+    assert main(["info", str(built)]) == 141  # as a shell reports a SIGPIPE, and without a word
+    assert capsys.readouterr().err == ""

@@ -60,24 +60,34 @@ class TarStream:
 
     def __init__(self, f: BinaryIO, total: int | None):
         self.f, self.total = f, total  # total: the stream's length, when known (a plain file)
-        self.pos, self._buf = 0, b""
+        self.pos = 0  # of the next byte in the stream
+        self._buf, self._at = b"", 0  # read ahead; bytes before _at are consumed (no copy per header)
         self._unread = 0  # data bytes + padding of the current member not yet consumed
 
+    def _take(self, n: int) -> bytes:
+        """Up to ``n`` bytes from the read-ahead buffer."""
+        out = self._buf[self._at:self._at + n]
+        self._at += len(out)
+        self.pos += len(out)
+        return out
+
     def _read(self, n: int) -> bytes:
-        if len(self._buf) >= n:
-            out, self._buf = self._buf[:n], self._buf[n:]
-        else:
-            parts, have = [self._buf], len(self._buf)
+        if len(self._buf) - self._at < n:  # refill: what is left, then at least 64 kB more
+            parts = [self._buf[self._at:]]
+            have = len(parts[0])
             while have < n:
                 chunk = self.f.read(max(n - have, 1 << 16))
                 if not chunk:
                     break
                 parts.append(chunk)
                 have += len(chunk)
-            data = b"".join(parts)
-            out, self._buf = data[:n], data[n:]
-        self.pos += len(out)
-        return out
+            self._buf, self._at = b"".join(parts), 0
+        return self._take(n)
+
+    def _push_back(self, data: bytes) -> None:
+        """Make ``data`` the next bytes read (resync found a header inside bytes already read)."""
+        self._buf, self._at = data + self._buf[self._at:], 0
+        self.pos -= len(data)
 
     def read_data(self, size: int) -> bytes:
         """The current member's data (call at most once, before the next member)."""
@@ -86,10 +96,9 @@ class TarStream:
         return data
 
     def copy_data(self, spool: Spool, size: int) -> tuple[str, int, int]:
+        """Append the current member's data to the spool; return (path, offset, bytes copied)."""
         take = min(size, self._unread)
-        head = self._buf[:take]
-        self._buf = self._buf[take:]
-        self.pos += len(head)
+        head = self._take(take)
         path, offset = spool.put(head)
         path, _, copied = spool.copy_from(self.f, take - len(head))
         self.pos += copied
@@ -98,20 +107,20 @@ class TarStream:
 
     def _skip(self, n: int) -> int:
         """Skip ``n`` bytes (a seek in a plain file); return how many were there."""
-        done = min(n, len(self._buf))
-        self._buf = self._buf[done:]
+        done = len(self._take(n))
         if done < n:
             if self.total is not None:
-                target = min(self.pos + n, self.total)
+                target = min(self.pos + n - done, self.total)
                 self.f.seek(target)
-                done = target - self.pos
+                done += target - self.pos
+                self.pos = target
             else:
                 while done < n:
                     chunk = self.f.read(min(n - done, 1 << 20))
                     if not chunk:
                         break
                     done += len(chunk)
-        self.pos += done
+                    self.pos += len(chunk)
         return done
 
     def members(self) -> Iterator[Member | Damage]:
@@ -169,7 +178,6 @@ class TarStream:
     def _resync(self) -> bool:
         """Move to the next valid ustar header after a bad one; False at the end of the stream."""
         window = self._read(1 << 16)
-        base = self.pos - len(window)
         while True:
             i = window.find(b"ustar", 257)
             while i != -1:
@@ -177,16 +185,13 @@ class TarStream:
                 if h + BLOCK > len(window):
                     break
                 if _parse_header(window[h:h + BLOCK]) is not None:
-                    self._buf = window[h:] + self._buf
-                    self.pos = base + h
+                    self._push_back(window[h:])
                     return True
                 i = window.find(b"ustar", i + 1)
             more = self._read(1 << 16)
             if not more:
                 return False
-            keep = window[-(BLOCK + 257):]
-            base += len(window) - len(keep)
-            window = keep + more
+            window = window[-(BLOCK + 257):] + more  # a header may straddle the two reads
 
 
 def _parse_header(block: bytes) -> tuple[str, int, bytes] | None:
