@@ -76,6 +76,7 @@ def test_build_json_summary(tmp_path, capsys):
     assert summary["shards"] == len(shards) == 2
     assert summary["bytes"] == sum((tmp_path / "ds" / s).stat().st_size for s in shards)
     assert summary["seconds"] > 0
+    assert summary["tasks"]["digit"] == {"type": "classification", "classes": 3, "missing": 1}  # sample 4 has none
 
 
 def test_rejects_over_the_limit_raise_after_the_dataset_is_written(tmp_path, capsys):

@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted build, keeping finished shards")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON (written, rejected by reason, "
-                   "shards, bytes, seconds, splits) on stdout")
+                   "shards, bytes, seconds, splits, tasks with their missing labels) on stdout")
     p.add_argument("--executor", choices=("local", "ray"), default="local",
                    help="run the encoding in a local process pool (default) or as Ray tasks, one per shard")
     p.add_argument("--ray-address", metavar="ADDR", help="Ray cluster to join, e.g. auto or ray://head:10001 "
@@ -90,6 +90,9 @@ def build_summary(card, out: str, seconds: float) -> dict:
         "shards": sum(len(s.shards) for s in card.splits.values()),
         "bytes": sum(s.num_bytes for s in card.splits.values()), "seconds": round(seconds, 3),
         "splits": {name: {"samples": s.num_samples, "shards": len(s.shards)} for name, s in card.splits.items()},
+        "tasks": {t.name: {"type": t.type, "classes": len(t.classes),
+                           "missing": sum(s.label_counts.get(t.name, {}).get("missing", 0)
+                                          for s in card.splits.values())} for t in card.tasks},
     }
 
 
@@ -97,5 +100,8 @@ def format_summary(s: dict) -> str:
     lines = [f"built {s['out']}: {s['written']} written, {s['rejected']['total']} rejected of {s['input']} "
              f"records; {s['shards']} shards, {s['bytes'] / 1e6:.1f} MB in {s['seconds']:.1f} s"]
     lines += [f"  {name}: {v['samples']} samples in {v['shards']} shards" for name, v in s["splits"].items()]
+    lines += [f"  task {name} ({t['type']}" + (f", {t['classes']} classes" if t["classes"] else "") + ")"
+              + (f": label missing in {t['missing']} of {s['written']} samples" if t["missing"] else "")
+              for name, t in s["tasks"].items()]
     lines += [f"  rejected {reason}: {n}" for reason, n in s["rejected"]["by_reason"].items()]
     return "\n".join(lines)
