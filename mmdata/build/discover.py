@@ -10,7 +10,7 @@ from typing import Any
 
 from ..errors import DatasetNotFoundError, SchemaError
 from .config import BuildConfig
-from .guard import Refused, parse_json, read_inside, read_regular
+from .guard import Refused, parse_json, read_file, read_inside, read_regular
 from .hfparquet import from_parquet, is_hf_parquet, parquet_files
 from .records import AUDIO_EXTS, IMAGE_EXTS, SPLIT_NAMES, TEXT_EXTS, MediaRef, RawRecord, modality_of_ext  # noqa: F401 - the names discovery has always exported
 from .spool import Spool
@@ -228,7 +228,7 @@ def _from_folders(root: Path, skip: str | None = None) -> list[RawRecord]:
             continue
         split_name = SPLIT_NAMES.get(child.name.lower())
         if split_name and not _is_sample_dir(Path(child.path)):
-            records += [_folder_record(d, f"{child.name}/{d.name}", split_name, real_root)
+            records += [_folder_record(d, f"{child.name}/{d.name}", split_name, real_root, child.is_symlink())
                         for d in _subdirs(child.path) if f"{child.name}/{d.name}" != skip]
         else:
             records.append(_folder_record(child, child.name, None, real_root))
@@ -241,15 +241,21 @@ def _subdirs(path: str) -> list[os.DirEntry]:
         return sorted((e for e in it if e.is_dir()), key=lambda e: e.name)
 
 
-def _folder_record(d: os.DirEntry, rel_dir: str, split: str | None, real_root: Path) -> RawRecord:
+def _folder_record(d: os.DirEntry, rel_dir: str, split: str | None, real_root: Path,
+                   linked: bool = False) -> RawRecord:
     rec = RawRecord(d.name, split=split)
+    linked = linked or d.is_symlink()  # d_type from the listing: no stat
     with os.scandir(d.path) as it:
         entries = sorted(it, key=lambda e: e.name)
     for f in entries:
         rel = f"{rel_dir}/{f.name}"
         if f.name == "labels.json":
             try:
-                labels = parse_json(read_inside(rel, real_root, MAX_LABELS_BYTES, "labels.json"), rel)
+                # no link on the way down from the root: inside it for certain, and read_file refuses
+                # anything but a regular file; else resolve the links and check
+                data = (read_inside(rel, real_root, MAX_LABELS_BYTES, "labels.json") if linked or f.is_symlink()
+                        else read_file(f.path, max_bytes=MAX_LABELS_BYTES))
+                labels = parse_json(data, rel)
                 if not isinstance(labels, dict):
                     raise ValueError(f"{rel} is not a JSON object of labels")
                 rec.labels = labels

@@ -158,6 +158,9 @@ def parse_json(data: bytes | str, what: str) -> Any:
         raise ValueError(f"{what} is not UTF-8 ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{what} is not JSON ({e})") from None
+    raw = data.encode() if isinstance(data, str) else data
+    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:  # cannot nest deeper: no walk (most labels)
+        return value
     stack = [(value, 1)]
     while stack:  # iterative: a depth check must not recurse itself
         node, depth = stack.pop()
