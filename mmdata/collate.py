@@ -7,6 +7,7 @@ import torch
 
 from .batch import Batch
 from .decode import DecodeSpec, Sample
+from .geometry import batch_image_size
 from .tasks import Task
 from .tokenizer import PAD_ID
 
@@ -46,15 +47,14 @@ def collate(samples: list[Sample], spec: DecodeSpec) -> Batch:
 
 
 def _images(batch: Batch, samples: list[Sample], spec: DecodeSpec) -> None:
-    B = len(samples)
-    size = spec.image_size
-    if size is None:
-        shapes = {tuple(s.image.shape[-2:]) for s in samples if s.image is not None}
-        if len(shapes) > 1:
-            from .errors import ConfigError
+    """Stack the images at ``batch_image_size``: ``spec.image_size``, else the batch's common size.
 
-            raise ConfigError(f"images of sizes {sorted(shapes)} cannot be stacked; set LoaderConfig(image_size=...)")
-        size = shapes.pop() if shapes else (1, 1)
+    JPEGs left for the device count with the (h, w) of their header, so ``image_size=None`` gives the
+    same size (or the same ConfigError) whichever side decodes them.
+    """
+    B = len(samples)
+    shapes = [tuple(s.image.shape[-2:]) if s.image is not None else s.image_jpeg_size for s in samples]
+    size = batch_image_size(spec.image_size, [hw for hw in shapes if hw is not None])
     image = torch.zeros(B, 3, *size, dtype=torch.uint8)  # (B, 3, H, W)
     for i, s in enumerate(samples):
         if s.image is not None:
@@ -69,7 +69,7 @@ def _images(batch: Batch, samples: list[Sample], spec: DecodeSpec) -> None:
         batch.image_bytes = torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8) if offsets[-1] \
             else torch.zeros(0, dtype=torch.uint8)
         batch.image_offsets = torch.from_numpy(offsets)
-        batch.image_size = (int(size[0]), int(size[1]))
+        batch.image_size = size
 
 
 def _labels(task: Task, values: list) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,6 +13,7 @@ import torch
 
 from .errors import ConfigError, DecodeError
 from .format import AUDIO_EXTS, IMAGE_EXTS, META_EXT, TEXT_EXT
+from .geometry import resize_crop
 from .tasks import Task
 
 
@@ -23,6 +24,7 @@ class Sample:
     key: str
     image: torch.Tensor | None = None  # uint8 (3,H,W)
     image_jpeg: bytes | None = None  # undecoded JPEG, when the device decodes it
+    image_jpeg_size: tuple[int, int] | None = None  # (h, w) of ``image_jpeg``, read from its header
     audio: np.ndarray | None = None  # float32 (T,) mono, cropped to the configured length
     text_ids: list[int] | None = None
     labels: dict[str, Any] = field(default_factory=dict)  # task -> stored label or None
@@ -64,8 +66,9 @@ class Decoder:
         try:
             if "image" in spec.modalities:
                 ext = next((e for e in IMAGE_EXTS if e in members), None)
-                if ext == "jpg" and spec.image_on_device:
-                    s.image_jpeg = members[ext]
+                hw = device_jpeg_size(members[ext]) if ext is not None and spec.image_on_device else None
+                if hw is not None:  # routed by content, not by name: the device decodes it
+                    s.image_jpeg, s.image_jpeg_size = members[ext], hw
                 elif ext is not None:
                     s.image = decode_image(members[ext], spec.image_size)
             if "audio" in spec.modalities:
@@ -115,34 +118,80 @@ def stored_label(task: Task, value: Any) -> Any:
     return value
 
 
-def decode_image(data: bytes, size: tuple[int, int] | None) -> torch.Tensor:
-    """Encoded image -> uint8 (3,H,W) RGB, resized (aspect kept, centre crop) to ``size`` when it differs."""
+def decode_rgb(data: bytes) -> torch.Tensor:
+    """Encoded image -> uint8 (3,h,w) RGB on the CPU: torchvision (libjpeg, libpng, ...), else PIL.
+
+    The one host decoder: the workers use it, and the device decode falls back to it per image.
+    """
     from torchvision.io import ImageReadMode
     from torchvision.io import decode_image as tv_decode
 
     try:
-        img = tv_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        return tv_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError:  # formats torchvision cannot read: PIL
         from PIL import Image
 
         with Image.open(io.BytesIO(data)) as im:
-            img = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+            return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+
+
+def decode_image(data: bytes, size: tuple[int, int] | None) -> torch.Tensor:
+    """Encoded image -> uint8 (3,H,W) RGB, resized (aspect kept, centre crop) to ``size`` when it differs."""
+    img = decode_rgb(data)
     if size is None or tuple(img.shape[-2:]) == tuple(size):
         return img.contiguous()
     return resize_crop(img, size)
 
 
-def resize_crop(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """uint8 (3,h,w) -> uint8 (3,H,W): scale so the image covers (H,W), then crop the centre."""
-    from torchvision.transforms.v2 import functional as TF
+JPEG_MAGIC = b"\xff\xd8\xff"
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame markers (not DHT, JPG, DAC)
+_DEVICE_SOF = (0xC0, 0xC1, 0xC2)  # baseline, extended and progressive Huffman: what nvJPEG decodes
 
-    H, W = size
-    h, w = img.shape[-2:]
-    scale = max(H / h, W / w)
-    nh, nw = max(H, round(h * scale)), max(W, round(w * scale))
-    out = TF.resize(img, [nh, nw], antialias=True)
-    top, left = (nh - H) // 2, (nw - W) // 2
-    return out[:, top:top + H, left:left + W].contiguous()
+
+def jpeg_frame(data: bytes) -> tuple[int, int, int, int, int] | None:
+    """(SOF marker, bits per sample, height, width, components) from a JPEG's header; None if not a JPEG.
+
+    Reads the marker segments up to the first start-of-frame, not the image data.
+    """
+    if not data.startswith(JPEG_MAGIC):
+        return None
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image or start of scan before any frame header
+            return None
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if marker in _SOF:
+            if length < 8 or i + 10 > n:
+                return None
+            h, w = int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
+            return marker, data[i + 4], h, w, data[i + 9]  # payload: P(1) Y(2) X(2) Nf(1)
+        i += 2 + length
+    return None
+
+
+def device_jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(h, w) when ``data`` is a JPEG the device decoder reads, else None (decode it on the CPU).
+
+    By content, not by file name: 8-bit Huffman JPEGs with 1 or 3 components. CMYK and YCCK (4
+    components; nvJPEG in torchvision cannot convert them), 12-bit, lossless and arithmetic-coded
+    JPEGs, a height left to a DNL marker, and anything that is not a JPEG go to the CPU decoder.
+    """
+    frame = jpeg_frame(data)
+    if frame is None:
+        return None
+    marker, bits, h, w, comps = frame
+    if marker not in _DEVICE_SOF or bits != 8 or comps not in (1, 3) or h == 0 or w == 0:
+        return None
+    return h, w
 
 
 def decode_audio(data: bytes, sample_rate: int | None, samples: int | None, crop: str = "start",

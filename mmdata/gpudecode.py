@@ -1,8 +1,8 @@
 """Decode a batch's packed JPEG bytes on the device (nvJPEG on CUDA) and resize them there.
 
 Workers that pass JPEGs undecoded fill ``Batch.image_bytes`` (one uint8 buffer, the batch's files
-concatenated) and ``Batch.image_offsets`` (B+1,); a row with no bytes was either absent or not a JPEG
-and already decoded into ``Batch.image`` by the worker on the CPU.
+concatenated) and ``Batch.image_offsets`` (B+1,); a row with no bytes was either absent or decoded
+into ``Batch.image`` by the worker on the CPU (not a JPEG by its magic bytes, or a CMYK one).
 """
 
 from __future__ import annotations
@@ -11,55 +11,70 @@ import logging
 from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 
 from .batch import Batch
+from .decode import decode_rgb
 from .errors import ConfigError, DecodeError, SchemaError
+from .geometry import batch_image_size, resize_crop
 
 log = logging.getLogger(__name__)
 
 
-def _resize(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """uint8 (N,3,h,w) -> uint8 (N,3,H,W), bilinear with antialiasing."""
-    if tuple(img.shape[-2:]) == tuple(size):
-        return img
-    out = F.interpolate(img.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
-    return out.round_().clamp_(0, 255).to(torch.uint8)
-
-
 def _decode(datas: list[torch.Tensor], keys: list[str], device: torch.device,
             on_error: str) -> list[torch.Tensor | None]:
-    """Decode JPEGs to RGB uint8 (3,h,w) on ``device``. A bad file raises DecodeError naming its key,
-    or with ``on_error="skip"`` comes back as None (the caller marks that image absent)."""
+    """Decode images to RGB uint8 (3,h,w) on ``device``: all at once, else one by one.
+
+    An image the device decoder rejects (a CMYK or non-JPEG file that reached it) is decoded on the
+    host as the workers do and copied over. Only bytes no decoder reads raise DecodeError naming the
+    key, or with ``on_error="skip"`` come back as None (the caller marks that image absent).
+    """
     from torchvision.io import ImageReadMode, decode_jpeg
 
     try:
-        return decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+        return list(decode_jpeg(datas, mode=ImageReadMode.RGB, device=device))
+    except torch.OutOfMemoryError:
+        raise
     except RuntimeError:
         pass
     out: list[torch.Tensor | None] = []
     for data, key in zip(datas, keys):  # one at a time, to find the culprits
         try:
             out.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+        except torch.OutOfMemoryError:
+            raise
         except RuntimeError as err:
-            if on_error == "raise":
-                raise DecodeError(f"sample {key!r}: its image bytes are not a decodable JPEG ({err}); rebuild "
-                                  "the dataset, turn GPU decode off for it, or pass on_error='skip'") from None
-            log.warning("sample %r: image bytes are not a decodable JPEG (%s); its image is marked absent", key, err)
-            out.append(None)
+            out.append(_decode_on_host(data, key, device, on_error, err))
     return out
+
+
+def _decode_on_host(data: torch.Tensor, key: str, device: torch.device, on_error: str,
+                    err: Exception) -> torch.Tensor | None:
+    """uint8 (3,h,w) on ``device`` decoded by the workers' host decoder, or None under "skip"."""
+    try:
+        img = decode_rgb(data.numpy().tobytes())
+    except Exception as host_err:  # PIL and torchvision raise many types: each means the same bad file
+        if on_error == "raise":
+            raise DecodeError(f"sample {key!r}: its image bytes decode neither on {device} ({err}) nor on the "
+                              f"CPU ({type(host_err).__name__}: {host_err}); rebuild the dataset, or pass "
+                              "on_error='skip' to mark such images absent") from None
+        log.warning("sample %r: image bytes cannot be decoded (%s); its image is marked absent", key, host_err)
+        return None
+    log.info("sample %r: %s could not decode its image (%s); decoded on the CPU instead", key, device, err)
+    return img.to(device, non_blocking=True)
 
 
 def decode_images(batch: Batch, device: torch.device | str, on_error: str = "raise") -> Batch:
     """Return a copy of ``batch`` whose ``image`` is uint8 (B,3,H,W) on ``device``, decoded from its bytes.
 
     Rows whose ``image_mask`` is False stay zeros; rows with empty bytes keep the worker's CPU-decoded
-    ``image`` row. Images are resized to ``batch.image_size`` (else the size of ``batch.image``, else the
-    common size of the decoded images). A batch without bytes is returned unchanged. A JPEG that does
-    not decode raises DecodeError naming the sample, or with ``on_error="skip"`` (the loader's setting)
-    becomes an absent image: zeros, ``image_mask`` False, and a warning with its key. (A worker that
-    decodes on the CPU drops such a sample; here the batch is already formed, so the sample stays
-    with its other modalities, as a sample whose image is missing does.)
+    ``image`` row. Images are resized by ``mmdata.geometry.resize_crop`` (aspect kept, centre crop: the
+    workers' rule) to ``batch.image_size``, else the size of ``batch.image``, else the common size of
+    the decoded images (ConfigError when they differ). A batch without bytes is returned unchanged.
+    An image the device cannot decode (CMYK, a PNG or WebP in JPEG's place) is decoded on the CPU as
+    the workers do. Bytes that no decoder reads raise DecodeError naming the sample, or with
+    ``on_error="skip"`` (the loader's setting) become an absent image: zeros, ``image_mask`` False, and
+    a warning with its key. (A worker that decodes on the CPU drops such a sample; here the batch is
+    already formed, so the sample stays with its other modalities, as a sample whose image is missing does.)
     """
     if on_error not in ("raise", "skip"):
         raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -85,19 +100,17 @@ def decode_images(batch: Batch, device: torch.device | str, on_error: str = "rai
         image_mask[failed] = False
         rows, decoded = [r for r, d in zip(rows, decoded) if d is not None], [d for d in decoded if d is not None]
 
-    size = batch.image_size or (tuple(batch.image.shape[-2:]) if batch.image is not None else None)
-    if size is None:
-        shapes = {tuple(d.shape[-2:]) for d in decoded}
-        if len(shapes) > 1:
-            raise SchemaError(f"decoded images have sizes {sorted(shapes)} and the batch has no image_size; "
-                              "set image_size in the loader so they can be resized to one size")
-        size = shapes.pop() if shapes else (1, 1)
-    size = (int(size[0]), int(size[1]))
-
-    if batch.image is not None and tuple(batch.image.shape[-2:]) == size:
-        image = batch.image.to(device, non_blocking=True).clone()  # keeps CPU-decoded non-JPEG rows
+    if batch.image_size is not None:  # set by collate: LoaderConfig.image_size, or the batch's common size
+        size = batch_image_size(batch.image_size, [])
+    elif batch.image is not None:
+        size = (int(batch.image.shape[-2]), int(batch.image.shape[-1]))
     else:
+        size = batch_image_size(None, [tuple(d.shape[-2:]) for d in decoded])
+
+    if batch.image is None:
         image = torch.zeros(B, 3, *size, dtype=torch.uint8, device=device)
+    else:  # keeps the worker's CPU-decoded rows, resized by the same rule if a hand-made batch needs it
+        image = resize_crop(batch.image.to(device, non_blocking=True), size).clone()
     if rows:
         # resize images of one source size together: one kernel per distinct size, not per image
         groups: dict[tuple[int, int], list[int]] = {}
@@ -106,7 +119,7 @@ def decode_images(batch: Batch, device: torch.device | str, on_error: str = "rai
         for members in groups.values():
             stacked = torch.stack([decoded[j] for j in members])  # (n,3,h,w)
             index = torch.tensor([rows[j] for j in members]).to(device, non_blocking=True)
-            image.index_copy_(0, index, _resize(stacked, size))
+            image.index_copy_(0, index, resize_crop(stacked, size))
     if image_mask is not None:
         image = image * image_mask.to(device, non_blocking=True).bool().view(-1, 1, 1, 1)
     log.debug("decoded %d of %d images on %s", len(rows), B, device)
