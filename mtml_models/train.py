@@ -116,8 +116,13 @@ def _schedule(step: int, warmup: int, total: int) -> float:
 
 def _distributed(dev: torch.device) -> tuple[int, int]:
     """(rank, world size), joining the process group torchrun describes in the environment."""
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)  # first: NCCL binds its communicator to the current device
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        if dev.type == "cuda":
+            dist.init_process_group("nccl", device_id=dev)
+        else:
+            dist.init_process_group("gloo")
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -133,11 +138,12 @@ def evaluate_loader(session: Session, loader, drop_modality: str | None = None) 
     model.eval()
     aug.eval()
     meters = MetricSet(session.tasks)
-    with torch.no_grad(), _autocast(session):
-        for batch in DevicePrefetcher(loader, session.device, transform=aug):
+    with torch.no_grad():
+        for batch in DevicePrefetcher(loader, session.device, transform=aug):  # augmented in float32
             if drop_modality:
                 batch = drop(batch, drop_modality)
-            outputs = model.denormalize(model(batch))
+            with _autocast(session):  # only the model, as in training
+                outputs = model.denormalize(model(batch))
             meters.update({k: v.float() for k, v in outputs.items()}, batch)
     return meters.compute()
 
@@ -178,8 +184,6 @@ def train(cfg: TrainConfig, data: str, out: str | Path, *, resume: bool = False,
     cfg.validate()  # a config built in code gets the same checks as one read from YAML, before any output
     dev = pick_device(device)
     rank, world = _distributed(dev)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
     out = Path(out)
     torch.manual_seed(cfg.seed)  # model initialisation is the same on every rank
     session = make_session(cfg, data, dev)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ImageConfig
-from .op import Op, Params, bernoulli, uniform
+from .op import Op, Params, bernoulli, to_device, uniform
 
 _GRAY = (0.299, 0.587, 0.114)
 CPU_CHUNK = 8  # samples per chunk when the image chain runs on the CPU
@@ -121,7 +121,7 @@ class ColorJitter(Op):
             rot = torch.zeros(x.shape[0], 3, 3, dtype=x.dtype, device=x.device)  # (B,3,3) rotation of (I, Q)
             rot[:, 0, 0] = 1
             rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
-            yiq, yiq_inv = (t.to(x.device, non_blocking=True) for t in (self.yiq, self.yiq_inv))
+            yiq, yiq_inv = (to_device(t, x.device) for t in (self.yiq, self.yiq_inv))
             m = yiq_inv @ rot @ yiq  # (B,3,3) in RGB
             x = torch.einsum("bij,bjhw->bihw", m, x).clamp_(0, 1)
         return x
@@ -188,7 +188,7 @@ class Normalize(Op):
         return {}
 
     def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
-        mean, std = self.mean.to(x.device, non_blocking=True), self.std.to(x.device, non_blocking=True)
+        mean, std = to_device(self.mean, x.device), to_device(self.std, x.device)
         return (to_float(x) - mean).div_(std)
 
 

@@ -17,7 +17,8 @@ class Op(nn.Module):
 
     Params are drawn on the generator's device and moved to the data's device, so a CPU generator gives
     the same params, hence the same result (within float tolerance), on CPU and CUDA. A CUDA generator
-    avoids the host-to-device copy of large params (audio noise). No op synchronises host and device.
+    avoids the host-to-device copy of large params (audio noise). No op synchronises host and device,
+    except a CUDA generator with CPU data: that device-to-host copy blocks (see ``to_device``).
     """
 
     def make_params(self, x: Any, generator: torch.Generator | None) -> Params:
@@ -50,7 +51,7 @@ def uniform(generator: torch.Generator, shape: tuple[int, ...], low: float | tor
     """U[low, high) of ``shape`` drawn on the generator's device, returned on ``device``."""
     u = torch.rand(shape, generator=generator, device=generator.device)
     if device is not None:
-        u = u.to(device, non_blocking=True)
+        u = to_device(u, device)
     return low + (high - low) * u
 
 
@@ -62,7 +63,22 @@ def bernoulli(generator: torch.Generator, shape: tuple[int, ...], p: float,
 
 def normal(generator: torch.Generator, shape: tuple[int, ...], device: torch.device | None = None) -> torch.Tensor:
     z = torch.randn(shape, generator=generator, device=generator.device)
-    return z.to(device, non_blocking=True) if device is not None else z
+    return to_device(z, device) if device is not None else z
+
+
+def copy_is_async_safe(src: torch.device, dst: torch.device) -> bool:
+    """Whether a ``non_blocking`` copy from ``src`` to ``dst`` is safe without a later synchronise.
+
+    Only host-to-device: the host's view of a non_blocking device-to-host copy may be read before the
+    copy lands (garbage, with no error); a device-to-device copy is ordered on the stream anyway.
+    """
+    return src.type == "cpu" and dst.type != "cpu"
+
+
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``t`` on ``device``: asynchronous host-to-device, blocking device-to-host."""
+    device = torch.device(device)
+    return t.to(device, non_blocking=copy_is_async_safe(t.device, device))
 
 
 def params_to(params: Params, device: torch.device) -> Params:

@@ -49,12 +49,19 @@ class Pipeline(Op):
 
     def forward(self, batch: Batch, generator: torch.Generator | None = None, params: Params | None = None,
                 return_params: bool = False):
-        """Return the augmented Batch (and its params with ``return_params``); decodes packed JPEGs first."""
-        if batch.image_bytes is not None:
-            from ..gpudecode import decode_images
+        """Return the augmented Batch (and its params with ``return_params``); decodes packed JPEGs first.
 
-            batch = decode_images(batch, _device(batch))
-        return super().forward(batch, generator=generator, params=params, return_params=return_params)
+        Runs with autocast off for the batch's device, so a caller's autocast region (validation under
+        bf16) leaves the output float32 and equal to the one outside it: affine_grid's matmul, the mel
+        filterbank and the DCT would otherwise run in bf16.
+        """
+        dev = _device(batch)
+        with torch.autocast(dev.type, enabled=False):
+            if batch.image_bytes is not None:
+                from ..gpudecode import decode_images
+
+                batch = decode_images(batch, dev)
+            return super().forward(batch, generator=generator, params=params, return_params=return_params)
 
     def make_params(self, batch: Batch, generator: torch.Generator | None) -> Params:
         params: Params = {}
