@@ -1,9 +1,31 @@
-"""DevicePrefetcher: copy the next batch to the GPU on a side stream while the current step runs."""
+"""DevicePrefetcher: copy and decode the next batch on a side stream while the current step runs.
+
+Which stream does what (CUDA):
+
+  side stream     the host-to-device copy of batch i+1, then its JPEG decode (nvJPEG) and resize: every
+                  tensor of batch i+1 that exists before it is handed out is allocated here
+  current stream  the caller's step i, then, once it waits on the side stream, the ``transform`` of batch
+                  i+1 and the caller's step i+1
+
+Why the decode is on the side stream: torchvision's ``decode_jpeg(..., device="cuda")`` allocates its
+outputs on the caller's current stream but writes them from a private stream that waits on nothing. Run
+on the current stream right after step i was queued, the caching allocator may hand it a block that
+step i still reads (freed by the caller, not yet done on the GPU): silent corruption. On the side stream,
+whose blocks are only reused once every stream they were recorded on is done, and after the host has
+waited for the side stream's own queue, nothing still in flight can alias the decoder's outputs.
+
+Why the transform is on the current stream, at hand-out: it draws from the caller's generator and reads
+the caller's modes (``train()``/``eval()``). Run a batch ahead on the side stream, it would draw batch
+i+1's randomness before the caller has saved its generator state for step i, and a resume from that
+checkpoint would not replay the same augmentation.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import fields, replace
+from typing import Any, Protocol
 
 import torch
 
@@ -11,6 +33,38 @@ from .batch import Batch
 from .gpudecode import decode_images
 
 Transform = Callable[[Batch], Batch]
+
+
+class StreamOps(Protocol):
+    """The stream operations DevicePrefetcher uses; ``CudaStreams`` on a GPU, a recording fake in tests."""
+
+    side: Any  # the prefetcher's stream: has wait_stream() and synchronize(), as torch.cuda.Stream
+
+    def current(self) -> Any:
+        """The caller's current stream."""
+
+    def use(self, stream: Any) -> AbstractContextManager:
+        """A context in which ``stream`` is the current stream (new tensors are allocated on it)."""
+
+    def record(self, tensor: torch.Tensor, stream: Any) -> None:
+        """Mark ``tensor`` as used on ``stream``, so its memory is not reused before ``stream`` is done."""
+
+
+class CudaStreams:
+    """StreamOps on one CUDA device, with a new side stream."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.side = torch.cuda.Stream(device=device)
+
+    def current(self) -> torch.cuda.Stream:
+        return torch.cuda.current_stream(self.device)
+
+    def use(self, stream: torch.cuda.Stream) -> AbstractContextManager:
+        return torch.cuda.stream(stream)
+
+    def record(self, tensor: torch.Tensor, stream: torch.cuda.Stream) -> None:
+        tensor.record_stream(stream)
 
 
 def _tensors(batch: Batch) -> Iterator[torch.Tensor]:
@@ -34,30 +88,54 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
     return replace(bare._map(move), **keep)
 
 
+def stage(batch: Batch, device: torch.device, streams: StreamOps,
+          decode: Callable[[Batch], Batch] | None) -> Batch:
+    """Copy ``batch`` to ``device``, then ``decode`` its packed JPEGs, all with ``streams.side`` current."""
+    with streams.use(streams.side):
+        batch = _to_device(batch, device)
+        if decode is not None and batch.image_bytes is not None:
+            # nvJPEG writes from a private stream that waits on nothing: a block freed on the side stream
+            # whose last reader (the copy above, the last batch's resize) is still queued there could be
+            # handed to it. The host waits for the side stream's queue first (decode_jpeg blocks anyway).
+            streams.side.synchronize()
+            batch = decode(batch)
+    return batch
+
+
+def hand_over(batch: Batch, device: torch.device, streams: StreamOps) -> Batch:
+    """Make the caller's current stream wait for ``streams.side`` and mark every tensor of ``batch`` on
+    ``device`` (the decoded ones included) as used by it."""
+    current = streams.current()
+    current.wait_stream(streams.side)  # the copy and decode of ``batch`` are done before the step uses it
+    for t in _tensors(batch):
+        if t.device.type == device.type:
+            streams.record(t, current)  # allocated on the side stream, used on ``current``
+    return batch
+
+
 class DevicePrefetcher:
     """Iterate ``loader`` yielding batches on ``device``, decoded (packed JPEGs) and transformed.
 
-    On CUDA, batch i+1 is copied on a side stream while the caller's step i runs on the current stream;
-    before batch i+1 is handed out, the current stream waits for the copy and every tensor is marked as
-    used by it (``record_stream``), so the caching allocator never reuses its memory too early. Decode and
-    ``transform`` (e.g. ``functools.partial(pipeline, generator=g)``) then run on the current stream. On
-    the CPU it is a plain iterator doing the same steps. ``len()`` is the loader's.
+    On CUDA, when the caller asks for batch i+1 (having queued step i), it is copied and decoded on a
+    side stream, so that work overlaps step i on the GPU; the caller's stream then waits for it and every
+    tensor is marked as used there (``record_stream``). ``transform`` (e.g.
+    ``functools.partial(pipeline, generator=g)``) runs on the caller's current stream as each batch is
+    handed out (the module docstring says why). On the CPU it is a plain iterator doing the same steps.
+    ``len()`` is the loader's. ``streams`` replaces the CUDA stream operations (tests pass fakes).
 
-    Reading one batch ahead would put the loader's ``state_dict()`` one batch past what the caller has
-    seen; this class's ``state_dict()`` is the loader's state as of the last batch handed out, so a resume
-    from it neither skips nor repeats a batch.
+    Nothing is read from the loader before the caller asks for it, so ``state_dict()`` is the loader's
+    state as of the last batch handed out: a resume from it neither skips nor repeats a batch.
     """
 
     def __init__(self, loader: Iterable[Batch], device: torch.device | str, transform: Transform | None = None,
-                 decode: bool = True, on_error: str | None = None):
+                 decode: bool = True, on_error: str | None = None, streams: StreamOps | None = None):
         self.loader = loader
         # an undecodable JPEG: raise, or mark the image absent ("skip"); by default as the loader does
         self.on_error = on_error or getattr(loader, "on_error", "raise")
         self.device = torch.device(device)
         self.transform = transform
         self.decode = decode
-        self._cuda = self.device.type == "cuda"
-        self._state: dict | None = None  # loader state after the last batch handed out (CUDA path)
+        self.streams = streams
 
     def __len__(self) -> int:
         return len(self.loader)  # type: ignore[arg-type]
@@ -69,46 +147,23 @@ class DevicePrefetcher:
 
     def state_dict(self) -> dict:
         """The loader's state as of the last batch this iterator handed out."""
-        return self._state if self._state is not None else self.loader.state_dict()
+        return self.loader.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self._state = None
         self.loader.load_state_dict(state)
 
-    def _loader_state(self) -> dict | None:
-        return self.loader.state_dict() if hasattr(self.loader, "state_dict") else None
-
-    def _finish(self, batch: Batch) -> Batch:
-        if self.decode and batch.image_bytes is not None:
-            batch = decode_images(batch, self.device, self.on_error)
-        return self.transform(batch) if self.transform is not None else batch
+    def _decode(self, batch: Batch) -> Batch:
+        return decode_images(batch, self.device, self.on_error)
 
     def __iter__(self) -> Iterator[Batch]:
-        if not self._cuda:
-            for batch in self.loader:
-                yield self._finish(_to_device(batch, self.device))
-            return
-        stream = torch.cuda.Stream(device=self.device)
-        it = iter(self.loader)
-
-        def preload() -> tuple[Batch | None, dict | None]:
-            """The next batch, copying on ``stream``, and the loader state from before it was read."""
-            state = self._loader_state()
-            try:
-                batch = next(it)
-            except StopIteration:
-                return None, state
-            with torch.cuda.stream(stream):
-                return _to_device(batch, self.device), state
-
-        self._state = None
-        pending, _ = preload()
-        while pending is not None:
-            current = torch.cuda.current_stream(self.device)
-            current.wait_stream(stream)  # the copy of ``pending`` is done before the step uses it
-            for t in _tensors(pending):
-                if t.device.type == "cuda":
-                    t.record_stream(current)  # allocated on ``stream``, used on ``current``
-            ready = pending
-            pending, self._state = preload()  # next copy overlaps with decode/transform and the step
-            yield self._finish(ready)
+        streams = self.streams
+        if streams is None and self.device.type == "cuda":
+            streams = CudaStreams(self.device)
+        decode = self._decode if self.decode else None
+        for batch in self.loader:  # the caller has queued its last step: this copy and decode overlap it
+            if streams is None:
+                batch = _to_device(batch, self.device)
+                batch = decode(batch) if decode is not None else batch
+            else:
+                batch = hand_over(stage(batch, self.device, streams, decode), self.device, streams)
+            yield self.transform(batch) if self.transform is not None else batch

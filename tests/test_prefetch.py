@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 
@@ -155,3 +156,100 @@ def test_prefetcher_on_cpu_decodes_transforms_and_keeps_order():
 def test_prefetcher_and_decode_on_cuda():
     check_decoded(decode_images(packed_batch(), "cuda"))
     run_prefetcher("cuda")
+
+
+class FakeStream:
+    """A stream that logs the calls DevicePrefetcher makes on it."""
+
+    def __init__(self, name: str, log: list):
+        self.name, self.log = name, log
+
+    def wait_stream(self, other: FakeStream) -> None:
+        self.log.append(("wait", self.name, other.name))
+
+    def synchronize(self) -> None:
+        self.log.append(("sync", self.name))
+
+
+class RecordingStreams:
+    """StreamOps on the CPU: a side and a consumer stream, the active one, and what was recorded where."""
+
+    def __init__(self):
+        self.log: list = []
+        self.side = FakeStream("side", self.log)
+        self.consumer = FakeStream("consumer", self.log)
+        self.active = self.consumer
+        self.recorded: list[tuple[torch.Tensor, str]] = []
+
+    def current(self) -> FakeStream:
+        return self.active
+
+    @contextlib.contextmanager
+    def use(self, stream: FakeStream):
+        before, self.active = self.active, stream
+        try:
+            yield
+        finally:
+            self.active = before
+
+    def record(self, tensor: torch.Tensor, stream: FakeStream) -> None:
+        self.recorded.append((tensor, stream.name))
+        self.log.append(("record", stream.name))
+
+
+def test_prefetcher_decodes_on_its_side_stream_and_records_on_the_consumer_stream(monkeypatch):
+    """Decoded tensors are made with the side stream current, after it synchronised (nvJPEG's private
+    stream waits on nothing); the consumer waits on the side stream and records every tensor handed out;
+    the transform runs on the consumer stream, after the wait, and the loader is never read ahead."""
+    import mmdata.prefetch as prefetch
+
+    streams = RecordingStreams()
+    decoded: list[torch.Tensor] = []
+
+    def spy_decode(batch, device, on_error):  # the real decode, noting the stream it ran on
+        out = decode_images(batch, device, on_error)
+        streams.log.append(("decode", streams.active.name))
+        decoded.append(out.image)
+        return out
+
+    monkeypatch.setattr(prefetch, "decode_images", spy_decode)
+    loader = Loader(3)
+    seen: list[int] = []
+
+    def transform(batch: Batch) -> Batch:
+        streams.log.append(("transform", streams.active.name))
+        seen.append(loader.state_dict()["consumed"])  # the loader as the transform sees it
+        return batch
+
+    pre = DevicePrefetcher(loader, "cpu", transform=transform, streams=streams)
+    out = []
+    for b in pre:
+        out.append(b)
+        check_decoded(b)
+    assert len(out) == 3 and seen == [1, 2, 3]  # one batch read per batch handed out
+    assert [d is b.image for d, b in zip(decoded, out)] == [True] * 3
+    for b in out:  # every tensor handed out, the decoded image included, recorded on the consumer stream
+        for t in prefetch._tensors(b):
+            assert any(r is t and name == "consumer" for r, name in streams.recorded), t.shape
+    assert {name for _, name in streams.recorded} == {"consumer"}
+    per_batch = [e for e in streams.log if e[0] != "record"]
+    assert per_batch == [("sync", "side"), ("decode", "side"), ("wait", "consumer", "side"),
+                         ("transform", "consumer")] * 3
+    for i in range(3):  # records come after the wait and before the transform of the same batch
+        wait = [k for k, e in enumerate(streams.log) if e[0] == "wait"][i]
+        tr = [k for k, e in enumerate(streams.log) if e[0] == "transform"][i]
+        assert {e[0] for e in streams.log[wait + 1:tr]} == {"record"}
+    assert streams.active is streams.consumer  # the side stream is current only while staging
+
+
+def test_stage_without_decode_or_bytes_does_not_wait_on_the_side_stream():
+    """A batch without JPEG bytes, or decode=False, is only copied: no host wait on the side stream."""
+    from mmdata.prefetch import stage
+
+    streams = RecordingStreams()
+    plain = Batch(keys=["a"], image=torch.zeros(1, 3, 2, 2, dtype=torch.uint8))
+    assert stage(plain, torch.device("cpu"), streams, lambda b: b).keys == ["a"]
+    out = stage(packed_batch(), torch.device("cpu"), streams, None)
+    assert out.image_bytes is not None and streams.log == []
+    (b,) = list(DevicePrefetcher([packed_batch()], "cpu", decode=False, streams=streams))
+    assert b.image_bytes is not None and ("sync", "side") not in streams.log
