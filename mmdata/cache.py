@@ -26,10 +26,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import ConfigError, CorruptShardError
+from .format import PARTIAL_SUFFIX
 
 log = logging.getLogger(__name__)
-
-PARTIAL = ".partial"
 
 
 class ShardCache:
@@ -67,7 +66,7 @@ class ShardCache:
             fd = self._open_hit(final)  # another process may have fetched it while we waited
             if fd is not None:
                 return fd
-            tmp = final.with_name(f"{final.name}.{os.getpid()}{PARTIAL}")
+            tmp = final.with_name(f"{final.name}.{os.getpid()}{PARTIAL_SUFFIX}")
             try:
                 fetch(str(tmp))
                 got = os.path.getsize(tmp)
@@ -114,8 +113,8 @@ class ShardCache:
     def clean_stale(self) -> int:
         """Remove ``.partial`` downloads that no process is writing (left by a crash); return how many."""
         removed = 0
-        for p in self.entries.glob(f"*{PARTIAL}"):
-            entry = p.name[: -len(PARTIAL)].rsplit(".", 1)[0]
+        for p in self.entries.glob(f"*{PARTIAL_SUFFIX}"):
+            entry = p.name[: -len(PARTIAL_SUFFIX)].rsplit(".", 1)[0]
             with _flock(self.locks / (entry + ".lock"), blocking=False) as held:
                 if held:
                     with contextlib.suppress(FileNotFoundError):
@@ -128,7 +127,7 @@ class ShardCache:
     def _complete(self) -> list[tuple[float, int, Path]]:
         out = []
         for p in self.entries.iterdir():
-            if p.name.endswith(PARTIAL):
+            if p.name.endswith(PARTIAL_SUFFIX):
                 continue
             try:
                 st = p.stat()

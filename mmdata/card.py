@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from . import __version__
 from .errors import ConfigError, SchemaError
 from .format import FORMAT_VERSION
 from .tasks import Task, TaskList
-
-TOOL_VERSION = "0.1.0"
 
 # index.parquet: one row per sample. Task columns (one per task, named ``label:<task>``) hold the
 # stored label (class index; index list; float list) or null.
@@ -53,7 +53,7 @@ class Card:
     build_config: dict[str, Any] = field(default_factory=dict)
     counts: dict[str, Any] = field(default_factory=dict)  # {"input": n, "written": n, "rejected": {reason: n}}
     format_version: int = FORMAT_VERSION
-    tool_version: str = TOOL_VERSION
+    tool_version: str = __version__  # of the mmdata that wrote the card
     fingerprint: str = ""  # hash of the resolved config and every record's facts: what this build was made from
 
     def to_json(self) -> str:
@@ -111,9 +111,11 @@ class Card:
                     raise SchemaError(f"dataset.json lists shard {shard.file!r} twice; rebuild the dataset")
                 seen.add(shard.file)
                 shards.append(shard)
-            label_counts = _field(info, "label_counts", dict, where, {})
+            label_counts = _field(info, "label_counts", dict, where, {})  # absent: readers count the index
             for task, counts in label_counts.items():
                 _check(counts, dict, f"{where}.label_counts.{task}")
+                for label, n in counts.items():
+                    _count(n, f"{where}.label_counts.{task}.{label}")
             splits[name] = SplitInfo(tuple(shards), label_counts)
         counts = _field(d, "counts", dict, default={})
         for key in ("input", "written"):
@@ -127,6 +129,38 @@ class Card:
             tool_version=_field(d, "tool_version", str, default="?"),
             fingerprint=_field(d, "fingerprint", str, default=""),
         )
+
+
+def count_labels(task: Task, values: Iterable[Any]) -> dict[str, int]:
+    """A split's label counts of ``task`` as the card holds them, over its stored labels ``values``.
+
+    {class: samples with it, ..., "missing": n}; for regression {"present": n, "missing": n}. SchemaError
+    for a value that is not a stored label of the task (a class index out of range, a string).
+    """
+    counts = empty_label_counts(task)
+    for v in values:
+        add_label(counts, task, v)
+    return counts
+
+
+def empty_label_counts(task: Task) -> dict[str, int]:
+    """Zero counts of ``task``, keys in the card's order: its classes (or "present"), then "missing"."""
+    return dict.fromkeys(("present", "missing") if task.type == "regression" else (*task.classes, "missing"), 0)
+
+
+def add_label(counts: dict[str, int], task: Task, value: Any) -> None:
+    """Count one sample's stored label ``value`` of ``task`` into ``counts`` (from ``empty_label_counts``)."""
+    if value is None:
+        counts["missing"] += 1
+    elif task.type == "regression":
+        counts["present"] += 1
+    else:
+        indices = [value] if task.type == "classification" else value
+        if not isinstance(indices, list) or not all(type(i) is int and 0 <= i < len(task.classes) for i in indices):
+            raise SchemaError(f"label {value!r} is not a stored {task.type} label of task {task.name!r} (class "
+                              f"indices below {len(task.classes)}); rebuild the dataset")
+        for i in indices:
+            counts[task.classes[i]] += 1
 
 
 _REQUIRED = object()

@@ -9,10 +9,10 @@ from functools import cached_property
 
 import numpy as np
 
-from .card import LABEL_PREFIX, Card
+from .card import LABEL_PREFIX, Card, count_labels, empty_label_counts
 from .errors import DatasetNotFoundError, SchemaError
 from .format import BLOCK, CARD_NAME, INDEX_NAME, TOKENIZER_DIR
-from .storage import open_regular, read_regular
+from .storage import Storage, is_url, local_path
 from .tasks import TaskList
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ class SplitIndex:
     never reads them, it fails (or skips) only those samples.
     """
 
-    keys: np.ndarray  # (N,) object str
+    keys: Keys  # (N,) the samples' keys
     shard: np.ndarray  # (N,) int64, index into ``files``
     offset: np.ndarray  # (N,) int64 byte offset of the sample's first header in its shard (-1 when null)
     size: np.ndarray  # (N,) int64 bytes of the sample's members (0 when null)
@@ -116,16 +116,43 @@ def int_column(table, name: str) -> tuple[np.ndarray, np.ndarray]:
     return values.astype(np.int64, copy=False), null
 
 
+LOADER_COLUMNS = ("key", "split", "shard", "offset", "size", "image_width", "image_height", "audio_seconds")
+
+
+class Keys:
+    """The keys of a split's samples, kept as one Arrow string array (not a Python string per sample)."""
+
+    def __init__(self, array):
+        self.array = array
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, i) -> str:
+        return self.array[int(i)].as_py()
+
+    def __iter__(self):
+        return iter(self.array.to_pylist())
+
+
 class Dataset:
     """A dataset on disk or behind an fsspec URL; cheap to pickle (the card and arrays, no open files)."""
 
-    def __init__(self, root: str, card: Card, index_table, storage_options: dict | None = None,
+    def __init__(self, root: str, card: Card, index_table=None, storage_options: dict | None = None,
                  cache: tuple[str, int] | None = None):
         self.root = root.rstrip("/")
         self.card = card
-        self._table = index_table  # pyarrow.Table of index.parquet
-        self.storage_options = dict(storage_options or {})  # fsspec options for a URL root
-        self.cache = cache  # (folder, bytes) of a mmdata.cache.ShardCache for a URL root, or None
+        self._full = index_table  # pyarrow.Table of index.parquet, every column; read when first asked for
+        # every read of the dataset's files: fsspec options and the ShardCache (folder, bytes) for a URL root
+        self.storage = Storage(self.root, storage_options, cache=cache)
+
+    @property
+    def storage_options(self) -> dict:
+        return self.storage.storage_options
+
+    @property
+    def cache(self) -> tuple[str, int] | None:
+        return self.storage.cache
 
     def __repr__(self) -> str:
         return f"Dataset({self.root!r}, splits={ {s: self.num_samples(s) for s in self.splits} })"
@@ -146,13 +173,24 @@ class Dataset:
         return self._split_info(split).num_samples
 
     def index(self, split: str | None = None):
-        """The index as a pyarrow Table: every row, or the rows of ``split``."""
+        """The index as a pyarrow Table: every row, or the rows of ``split``; every column."""
+        if self._full is None:
+            self._full = _read_index(self.storage)
+        return self._table_rows(self._full, split)
+
+    def _rows(self, split: str):
+        """The rows of ``split`` with the columns the loader plans with (read when needed, not kept)."""
+        table = self._full if self._full is not None else _read_index(self.storage, LOADER_COLUMNS)
+        return self._table_rows(table, split)
+
+    def _table_rows(self, table, split: str | None):
         if split is None:
-            return self._table
+            return table
+        import pyarrow as pa
         import pyarrow.compute as pc
 
         self._split_info(split)
-        return self._table.filter(pc.equal(self._table["split"], split))
+        return table.filter(pc.equal(table["split"], pa.scalar(split)))
 
     def url(self, file: str) -> str:
         """Path or URL of a file of the dataset."""
@@ -160,24 +198,39 @@ class Dataset:
 
     def split_index(self, split: str) -> SplitIndex:
         """The arrays the loader plans and seeks with; checked against the card."""
+        return self._facts(split)[0]
+
+    def _facts(self, split: str) -> tuple[SplitIndex, tuple[int, int] | None, float]:
+        """(split index, common image size, longest clip) of ``split``, from one read of its index rows."""
         cache = self.__dict__.setdefault("_split_cache", {})
         if split not in cache:
-            cache[split] = self._make_split_index(split)
+            rows = self._rows(split)
+            cache[split] = (self._make_split_index(split, rows), _common_image_size(rows), _max_audio_seconds(rows))
         return cache[split]
 
-    def _make_split_index(self, split: str) -> SplitIndex:
+    def _make_split_index(self, split: str, table) -> SplitIndex:
         info = self._split_info(split)
         files = tuple(s.file for s in info.shards)
-        table = self.index(split)
-        t = table.select(["key", "shard"]).to_pydict()
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
         offset, null_offset = int_column(table, "offset")
         size, null_size = int_column(table, "size")
-        pos = {f: i for i, f in enumerate(files)}
-        unknown = sorted(set(t["shard"]) - set(pos), key=str)
-        if unknown:
+        column = table["shard"].combine_chunks()
+        if pa.types.is_dictionary(column.type):  # as read at open: a file's position per distinct name
+            names, codes = column.dictionary, column.indices
+        else:
+            names, codes = column, None
+        shard = pc.index_in(names, value_set=pa.array(files, type=pa.string())).fill_null(-1)
+        shard = shard.to_numpy(zero_copy_only=False).astype(np.int64)  # -1: a name the card does not list
+        if codes is not None:
+            shard = shard[codes.fill_null(0).to_numpy(zero_copy_only=False)] if len(names) else shard[:0]
+            if codes.null_count:
+                shard[codes.is_null().to_numpy(zero_copy_only=False)] = -1
+        if (shard < 0).any():
+            unknown = sorted(set(pc.filter(table["shard"], pa.array(shard < 0)).to_pylist()), key=str)
             raise SchemaError(f"index.parquet names shards {unknown[:3]} that dataset.json does not list for "
                               f"split {split!r}; rebuild the dataset")
-        shard = np.array([pos[s] for s in t["shard"]], dtype=np.int64)
         offset = np.where(null_offset, -1, offset)  # a null offset sorts first in its shard
         order = np.lexsort((offset, shard))
         sizes = np.bincount(shard, minlength=len(files))
@@ -186,7 +239,7 @@ class Dataset:
             raise SchemaError(f"index.parquet has {sizes.tolist()} samples per shard of split {split!r} but "
                               f"dataset.json says {expected}; rebuild the dataset")
         shard_bytes = np.array([s.bytes for s in info.shards], dtype=np.int64)
-        keys = np.array(["" if k is None else str(k) for k in t["key"]], dtype=object)[order]
+        keys = Keys(table["key"].take(pa.array(order)).combine_chunks().cast(pa.string()).fill_null(""))
         shard, offset, size = shard[order], offset[order], np.where(null_size, 0, size)[order]
         null = np.stack([null_offset, null_size], axis=1)[order]  # (N, 2)
         problems = range_problems(offset, size, null, shard_bytes[shard])
@@ -202,18 +255,28 @@ class Dataset:
     def label_values(self, split: str, task: str) -> list:
         """Stored labels of ``task`` in ``split`` (class index, index list, floats; None where missing)."""
         self.tasks[task]  # KeyError naming the tasks when unknown
-        return self.index(split)[LABEL_PREFIX + task].to_pylist()
+        table = self.index(split)
+        column = LABEL_PREFIX + task
+        return table[column].to_pylist() if column in table.column_names else [None] * len(table)
+
+    def label_counts(self, split: str, task: str) -> dict[str, int]:
+        """{class: samples, ..., "missing": n} of ``task`` in ``split`` (regression: "present", "missing").
+
+        Read from the card; counted from the index only for a card that lacks them.
+        """
+        t = self.tasks[task]
+        stored = self._split_info(split).label_counts.get(task)
+        if stored is None:
+            return count_labels(t, self.label_values(split, task))
+        return {k: stored.get(k, 0) for k in empty_label_counts(t)}
 
     def common_image_size(self, split: str) -> tuple[int, int] | None:
         """(H, W) shared by every image of ``split``, None when they differ or there are none."""
-        t = self.index(split).select(["image_width", "image_height"]).drop_null().to_pydict()
-        sizes = set(zip(t["image_height"], t["image_width"]))
-        return sizes.pop() if len(sizes) == 1 else None
+        return self._facts(split)[1]
 
     def max_audio_seconds(self, split: str) -> float:
         """Longest clip of ``split`` in seconds (0 without audio)."""
-        col = self.index(split)["audio_seconds"].drop_null()
-        return float(max(col.to_pylist(), default=0.0))
+        return self._facts(split)[2]
 
     @cached_property
     def tokenizer_json(self) -> bytes | None:
@@ -240,34 +303,12 @@ class Dataset:
         Locally only a regular file inside the folder is read (SchemaError for a FIFO, a device, a folder
         or a link out of it); ``limit``: SchemaError when the file has more bytes.
         """
-        return _read_bytes(self.root, name, self.storage_options, limit)
+        return self.storage.read_file(name, limit, SchemaError)
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state.pop("_split_cache", None)  # rebuilt on demand in the worker
         return state
-
-
-def is_url(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
-
-
-def _local(path: str) -> str:
-    return path[len("file://"):] if path.startswith("file://") else path
-
-
-def _read_bytes(root: str, name: str, storage_options: dict | None = None, limit: int | None = None) -> bytes:
-    """File ``name`` of dataset ``root``: a regular file inside it when local, at most ``limit`` bytes."""
-    if not is_url(root):
-        return read_regular(_local(root), name, limit, error=SchemaError)
-    import fsspec
-
-    with fsspec.open(f"{root.rstrip('/')}/{name}", "rb", **(storage_options or {})) as f:
-        data = f.read() if limit is None else f.read(limit + 1)
-    if limit is not None and len(data) > limit:
-        raise SchemaError(f"{name!r} in {root!r} has more than the {limit} bytes such a file may have; restore "
-                          "it or rebuild the dataset")
-    return data
 
 
 def open_dataset(path_or_url: str | os.PathLike, *, storage_options: dict | None = None,
@@ -279,18 +320,19 @@ def open_dataset(path_or_url: str | os.PathLike, *, storage_options: dict | None
     at most ``cache_bytes``, shared by processes), so later epochs do not fetch them again.
     """
     root = os.fspath(path_or_url)
-    root = root if is_url(root) else os.path.abspath(_local(root))
+    root = root if is_url(root) else os.path.abspath(local_path(root))
     cache = None
     if cache_dir is not None and is_url(root):
         from .cache import ShardCache
 
         cache = (os.path.abspath(os.fspath(cache_dir)), int(cache_bytes))
         ShardCache(*cache)  # checks the limit, makes the folder, cleans partial downloads left by a crash
+    storage = Storage(root, storage_options, cache=cache)
     try:
-        text = _read_bytes(root, CARD_NAME, storage_options, MAX_CARD_BYTES)
+        text = storage.read_file(CARD_NAME, MAX_CARD_BYTES, SchemaError)
     except FileNotFoundError:
         hint = ""
-        names = os.listdir(root) if not is_url(root) and os.path.isdir(root) else []
+        names = storage.names() if storage.is_local else []
         if ".mmdata-build.jsonl" in names:  # the journal of a build that did not finish
             hint = (f"; {root!r} holds an interrupted build: rerun the same `mmdata build SOURCE {root}` "
                     "with --resume to finish it")
@@ -303,30 +345,48 @@ def open_dataset(path_or_url: str | os.PathLike, *, storage_options: dict | None
         card = Card.from_json(text.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise SchemaError(f"{CARD_NAME} in {root!r} is not UTF-8 text ({e}); rebuild the dataset") from None
-    table = _read_index(root, storage_options)
-    missing = {"key", "split", "shard", "offset", "size"} - set(table.column_names)
+    missing = {"key", "split", "shard", "offset", "size"} - set(_read_index(storage, ()).column_names)
     if missing:
         raise SchemaError(f"{INDEX_NAME} in {root!r} lacks columns {sorted(missing)}; rebuild the dataset")
-    ds = Dataset(root, card, table, storage_options, cache)
+    ds = Dataset(root, card, None, storage_options, cache)
     log.debug("opened %r", ds)
     return ds
 
 
-def _read_index(root: str, storage_options: dict | None):
-    """index.parquet as a pyarrow Table; a one-line error when it is missing, not a file, or not Parquet."""
+def _common_image_size(rows) -> tuple[int, int] | None:
+    if "image_width" not in rows.column_names or "image_height" not in rows.column_names:
+        return None
+    import pyarrow.compute as pc
+
+    t = rows.select(["image_width", "image_height"]).drop_null()
+    sizes = pc.unique(pc.add(pc.multiply(t["image_height"].cast("int64"), 2**32), t["image_width"].cast("int64")))
+    return divmod(sizes[0].as_py(), 2**32) if len(sizes) == 1 else None
+
+
+def _max_audio_seconds(rows) -> float:
+    if "audio_seconds" not in rows.column_names:
+        return 0.0
+    import pyarrow.compute as pc
+
+    return float(pc.max(rows["audio_seconds"]).as_py() or 0.0)
+
+
+def _read_index(storage: Storage, columns: tuple[str, ...] | None = None):
+    """index.parquet as a pyarrow Table (those of ``columns`` it has, or all); a one-line error when it is
+    missing, not a file, or not Parquet."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    where = f"{root.rstrip('/')}/{INDEX_NAME}"
+    where = f"{storage.url}/{INDEX_NAME}"
     try:
-        if is_url(root):
-            import fsspec
-
-            with fsspec.open(where, "rb", **(storage_options or {})) as f:
-                return pq.read_table(f)
-        fd, _ = open_regular(_local(root), INDEX_NAME, SchemaError)
-        with os.fdopen(fd, "rb") as f:
-            return pq.read_table(f)
+        f, _ = storage.open_file(INDEX_NAME, SchemaError)
+        with f:
+            # not pq.read_table, which imports pyarrow.dataset; names that repeat read as dictionaries
+            parquet = pq.ParquetFile(f, read_dictionary=["split", "shard"] if columns else None)
+            have = parquet.schema_arrow.names
+            if columns == ():  # the schema only: an empty table with every column
+                return parquet.schema_arrow.empty_table()
+            return parquet.read(columns=None if columns is None else [c for c in columns if c in have])
     except FileNotFoundError:
         raise DatasetNotFoundError(f"{where!r} is missing; rebuild the dataset with `mmdata build`") from None
     except (pa.ArrowException, EOFError) as e:  # an empty, cut or foreign file

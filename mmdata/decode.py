@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,11 +78,9 @@ class Decoder:
                     s.audio = decode_audio(members[ext], spec.sample_rate, spec.audio_samples,
                                            crop=spec.audio_crop, salt=f"{salt}:{key}")
             if "text" in spec.modalities and TEXT_EXT in members:
-                s.text_ids = self._encode_text(members[TEXT_EXT].decode("utf-8"))
+                s.text_ids = self._encode_text(decode_text(members[TEXT_EXT]))
             if spec.tasks:
-                meta = json.loads(members[META_EXT]) if META_EXT in members else {}
-                stored = meta.get("labels") or {}
-                s.labels = {t.name: stored_label(t, stored.get(t.name)) for t in spec.tasks}
+                s.labels = decode_labels(spec.tasks, decode_meta(members.get(META_EXT)))
         except DecodeError:
             raise
         except Exception as e:  # any decoder failure becomes one error type naming the sample
@@ -116,6 +115,30 @@ def stored_label(task: Task, value: Any) -> Any:
         want = f"{task.dims} finite numbers" if task.type == "regression" else f"class indices below {n}"
         raise ValueError(f"label {task.name!r} is {value!r}, not a stored {task.type} label ({want})")
     return value
+
+
+def decode_meta(data: bytes | None) -> dict[str, Any]:
+    """``KEY.json`` bytes -> {"id": source id, "labels": {task: stored label or None}, ...}; {} when absent."""
+    if data is None:
+        return {}
+    meta = json.loads(data)
+    if not isinstance(meta, dict):
+        raise ValueError(f"the .{META_EXT} member holds a {type(meta).__name__}, not an object with id and labels")
+    if not isinstance(meta.get("labels") or {}, dict):
+        raise ValueError(f"the .{META_EXT} member's labels are a {type(meta['labels']).__name__}, not an object "
+                         "of task: label")
+    return meta
+
+
+def decode_labels(tasks: Iterable[Task], meta: dict[str, Any]) -> dict[str, Any]:
+    """{task: stored label or None} of a sample's decoded ``KEY.json``; ValueError naming a bad label."""
+    stored = meta.get("labels") or {}
+    return {t.name: stored_label(t, stored.get(t.name)) for t in tasks}
+
+
+def decode_text(data: bytes) -> str:
+    """``KEY.txt`` bytes -> the text (UTF-8, as the build wrote it)."""
+    return data.decode("utf-8")
 
 
 def decode_rgb(data: bytes) -> torch.Tensor:
@@ -194,6 +217,14 @@ def device_jpeg_size(data: bytes) -> tuple[int, int] | None:
     return h, w
 
 
+def read_audio(data: bytes) -> tuple[np.ndarray, int]:
+    """FLAC/WAV bytes -> (float32 (T,) mono, the file's sample rate): channels averaged, nothing resampled."""
+    import soundfile as sf
+
+    wav, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True, frames=-1)  # (T, C)
+    return (wav.mean(axis=1) if wav.shape[1] > 1 else wav[:, 0]), sr
+
+
 def decode_audio(data: bytes, sample_rate: int | None, samples: int | None, crop: str = "start",
                  salt: str = "") -> np.ndarray:
     """FLAC/WAV bytes -> float32 (T,) mono at ``sample_rate``, cut to ``samples`` at most.
@@ -201,10 +232,7 @@ def decode_audio(data: bytes, sample_rate: int | None, samples: int | None, crop
     ``crop``: "start", "center", or "random": an offset that is a pure function of ``salt`` (the
     loader passes seed, epoch and key), so a resumed epoch cuts every clip exactly as before.
     """
-    import soundfile as sf
-
-    wav, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True, frames=-1)
-    wav = wav.mean(axis=1) if wav.shape[1] > 1 else wav[:, 0]  # (T,)
+    wav, sr = read_audio(data)
     if sample_rate and sr != sample_rate:
         import librosa
 

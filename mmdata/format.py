@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 FORMAT_VERSION = 1
@@ -13,6 +13,7 @@ INDEX_NAME = "index.parquet"
 REJECTS_NAME = "rejects.jsonl"
 TOKENIZER_DIR = "tokenizer"
 README_NAME = "README.md"  # the Hugging Face dataset card
+PARTIAL_SUFFIX = ".partial"  # a file being written (then renamed) or downloaded: never read as a dataset file
 
 KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 IMAGE_EXTS = ("jpg", "png", "webp")
@@ -94,62 +95,157 @@ def archive_bytes(payload: int) -> int:
     return -(-(payload + 2 * BLOCK) // RECORD) * RECORD
 
 
-class ShardWriter:
-    """Write samples as adjacent tar members with fixed metadata; track offsets, size and sha256."""
+# ---- reading: the one parser of our tar shards (the loader's reader, `verify` and `show` use it) ----------
 
-    def __init__(self, f: BinaryIO):
-        self._f, self._sha, self._pos = f, hashlib.sha256(), 0
-        self.samples = 0
-
-    def _write(self, data: bytes) -> None:
-        self._f.write(data)
-        self._sha.update(data)
-        self._pos += len(data)
-
-    def add(self, key: str, members: dict[str, bytes]) -> tuple[int, int]:
-        """Append one sample; return (byte offset, byte size) of its members in the shard."""
-        start = self._pos
-        self._write(sample_block(key, members))
-        self.samples += 1
-        return start, self._pos - start
-
-    def close(self) -> tuple[int, str]:
-        """Finish the archive (end blocks, record padding); return (total bytes, sha256 hex)."""
-        self._write(b"\0" * (archive_bytes(self._pos) - self._pos))
-        return self._pos, self._sha.hexdigest()
+ZERO_BLOCK = bytes(BLOCK)
+READ_CHUNK = 1 << 20  # bytes read (and hashed) at a time from a file
 
 
-def parse_members(buf: bytes | memoryview) -> Iterator[tuple[str, bytes]]:
-    """Yield (name, data) of the regular members in a contiguous run of ustar blocks."""
-    view = memoryview(buf)
-    pos, n = 0, len(view)
-    while pos + BLOCK <= n:
-        header = bytes(view[pos:pos + BLOCK])
-        if header == b"\0" * BLOCK:
+class TarError(ValueError):
+    """A structural error at byte ``pos`` of a shard; ``final``: nothing after it can be read (the data ends).
+
+    ``str(e)`` says what and where ("corrupt tar header at byte 1024"); ``reason`` adds why, when known.
+    """
+
+    def __init__(self, pos: int, what: str, reason: str = "", final: bool = False):
+        super().__init__(what)
+        self.pos, self.what, self.reason, self.final = pos, what, reason, final
+
+    @property
+    def detail(self) -> str:
+        """What, where and why: ``corrupt tar header at byte 1024: checksum mismatch``."""
+        return f"{self.what}: {self.reason}" if self.reason else self.what
+
+
+class TarStream:
+    """The bytes of a tar read front to back from a buffer or a binary file, optionally hashed.
+
+    Positions are bytes of the shard: a buffer holding the shard's bytes from ``base`` on counts from
+    there. Nothing at or past ``limit`` is read (default: the buffer's end; required for a file), so a
+    file far longer than its card costs no more than the card's size.
+    """
+
+    def __init__(self, source: bytes | memoryview | BinaryIO, limit: int | None = None, base: int = 0,
+                 sha256: bool = False):
+        self._view = memoryview(source) if isinstance(source, (bytes, bytearray, memoryview)) else None
+        self._f = None if self._view is not None else source
+        if self._view is not None:
+            end = base + len(self._view)
+            limit = end if limit is None else min(limit, end)
+        elif limit is None:
+            raise ValueError("a TarStream over a file needs a limit (the shard's size in its card)")
+        self.base, self.pos, self.limit = base, base, limit
+        self._sha = hashlib.sha256() if sha256 else None
+
+    def read(self, n: int) -> bytes:
+        """The next ``n`` bytes, fewer where the data or the limit ends."""
+        pos = self.pos
+        if pos + n > self.limit:
+            n = self.limit - pos
+        if n <= 0:
+            return b""
+        if self._view is not None:  # the loader's hot path: one slice
+            data = self._view[pos - self.base:pos - self.base + n].tobytes()
+        else:
+            parts = []
+            while n > 0:
+                b = self._f.read(min(n, READ_CHUNK))
+                if not b:
+                    break
+                parts.append(b)
+                n -= len(b)
+            data = b"".join(parts)
+        if self._sha is not None:
+            self._sha.update(data)
+        self.pos = pos + len(data)
+        return data
+
+    def skip_to(self, target: int) -> None:
+        """Move on to byte ``target`` (never back, never past the limit); skipped bytes are hashed too."""
+        if target > self.limit:
+            target = self.limit
+        if self._view is not None and self._sha is None:
+            if target > self.pos:
+                self.pos = target
             return
+        while self.pos < target:
+            if not self.read(min(target - self.pos, READ_CHUNK)):
+                return
+
+    def digest(self) -> str:
+        """The sha256 of every byte up to the limit (or the data's end); reads what is left."""
+        if self._sha is None:
+            raise ValueError("this TarStream was made without sha256=True")
+        self.skip_to(self.limit)
+        return self._sha.hexdigest()
+
+
+def parse_header(header: bytes, pos: int) -> tuple[str, int, bytes]:
+    """(name, data size, type flag) of the ustar header at byte ``pos``; TarError when it is corrupt."""
+    reason = "checksum mismatch"
+    try:
+        stored = header[148:156].rstrip(b"\0 ").strip()
+        if not stored or int(stored, 8) != sum(header[:148]) + 8 * 32 + sum(header[156:]):
+            raise ValueError(reason)
+        reason = "the member name is not UTF-8"
         name = header[0:100].split(b"\0", 1)[0].decode("utf-8")
-        prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8")
-        if prefix:
-            name = f"{prefix}/{name}"
-        size_field = header[124:136].rstrip(b"\0 ").strip()
-        if not size_field or not _checksum_ok(header):
-            raise ValueError(f"corrupt tar header at byte {pos}")
-        size = int(size_field, 8)
-        typeflag = header[156:157]
-        start = pos + BLOCK
-        if start + size > n:
-            raise ValueError(f"member {name!r} at byte {pos} is truncated")
+        prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8") if header[345] else ""
+        field = header[124:136].rstrip(b"\0 ").strip()
+        reason = f"size field {field!r} is not a size"
+        size = int(field, 8)
+        if size < 0:
+            raise ValueError(reason)
+    except ValueError:  # a UnicodeDecodeError too
+        raise TarError(pos, f"corrupt tar header at byte {pos}", reason) from None
+    return (f"{prefix}/{name}" if prefix else name), size, header[156:157]
+
+
+def tar_members(stream: TarStream, archive: bool = True,
+                on_error: Callable[[TarError], int | None] | None = None) -> Iterator[tuple[int, str, int]]:
+    """(header offset, name, size) of each regular member from the stream's position on.
+
+    The member's data comes next in ``stream``: the caller may read it; what it leaves is skipped.
+    ``archive``: the data is a whole shard, which ends with zero blocks (TarError when it ends without);
+    else a run of samples cut from one, which may end after any member. A structural problem raises
+    TarError, or with ``on_error`` is reported to it: it returns the byte to read on from (None: stop).
+    """
+    while True:
+        pos = stream.pos
+        try:
+            header = stream.read(BLOCK)
+            if not header and not archive:
+                return
+            if len(header) < BLOCK:
+                raise TarError(pos, f"truncated: ends at byte {stream.pos} inside or before a tar header (no "
+                                    "end-of-archive blocks)", final=True)
+            if header == ZERO_BLOCK:
+                return
+            name, size, typeflag = parse_header(header, pos)
+            start = pos + BLOCK
+            if start + size > stream.limit:
+                raise TarError(pos, f"truncated: member {name!r} at byte {pos} needs {size} bytes, "
+                                    f"{stream.limit - start} remain")
+        except TarError as e:
+            if on_error is None:
+                raise
+            resume = on_error(e)
+            if resume is None:
+                return
+            stream.skip_to(resume)
+            continue
         if typeflag in (b"0", b"\0"):
-            yield name, bytes(view[start:start + size])
-        pos = start + (size + BLOCK - 1) // BLOCK * BLOCK
+            yield pos, name, size
+        stream.skip_to(start + (size + BLOCK - 1) // BLOCK * BLOCK)
 
 
-def _checksum_ok(header: bytes) -> bool:
-    stored = header[148:156].rstrip(b"\0 ").strip()
-    if not stored:
-        return False
-    total = sum(header[:148]) + 8 * 32 + sum(header[156:])
-    return int(stored, 8) == total
+def parse_members(buf: bytes | memoryview, base: int = 0) -> Iterator[tuple[str, bytes]]:
+    """Yield (name, data) of the regular members in a run of samples: shard bytes from byte ``base`` on.
+
+    TarError (a ValueError) names the absolute byte offset of what is wrong.
+    """
+    stream = TarStream(buf, base=base)
+    for _, name, size in tar_members(stream, archive=False):
+        yield name, stream.read(size)
 
 
 def group_samples(members: Iterator[tuple[str, bytes]]) -> Iterator[tuple[str, dict[str, bytes]]]:

@@ -26,8 +26,8 @@ MAX_REJECTS_BYTES = 1 << 30  # millions of rejects; past this rejects.jsonl is n
 def dataset_info(dataset) -> dict[str, Any]:
     """Summarise a dataset as plain JSON values: totals, per split coverage, labels and media sizes, rejects.
 
-    Counts come from ``index.parquet`` (one row per sample); shard sizes and rejects from ``dataset.json``
-    (``rejects.jsonl`` when the card has no reject counts).
+    Coverage and media sizes come from ``index.parquet`` (one row per sample); shard sizes, label counts
+    and rejects from ``dataset.json`` (the index and ``rejects.jsonl`` when the card lacks them).
     """
     from .dataset import as_dataset
 
@@ -41,8 +41,7 @@ def dataset_info(dataset) -> dict[str, Any]:
             "shards": len(split.shards),
             "bytes": split.num_bytes,
             "modalities": _coverage(rows),
-            "labels": {t.name: _label_counts(t, rows.get(LABEL_PREFIX + t.name, [None] * len(rows["key"])))
-                       for t in card.tasks},
+            "labels": {t.name: _labels(ds, name, t, rows) for t in card.tasks},
             "audio_seconds": _summary(rows.get("audio_seconds", [])),
             "image_sizes": _image_sizes(rows),
             "text_chars": _summary(rows.get("text_chars", [])),
@@ -95,26 +94,17 @@ def _coverage(rows: dict[str, list]) -> dict[str, dict[str, float]]:
             for m in MODALITIES}
 
 
-def _label_counts(task, values: list) -> dict[str, Any]:
-    """{class name: n, ..., "missing": n}; regression: present/missing and min/mean/max of each value."""
-    missing = sum(v is None for v in values)
-    if task.type == "regression":
-        flat = [x for v in values if v is not None for x in v]
-        out: dict[str, Any] = {"present": len(values) - missing}
-        if flat:
-            out.update(min=min(flat), mean=sum(flat) / len(flat), max=max(flat))
-    else:
-        out = dict.fromkeys(task.classes, 0)
-        for v in values:
-            indices = [] if v is None else [v] if task.type == "classification" else v
-            if not isinstance(indices, list) or not all(type(i) is int and 0 <= i < len(task.classes)
-                                                        for i in indices):
-                raise SchemaError(f"index.parquet column {LABEL_PREFIX + task.name!r} holds {v!r}, not a stored "
-                                  f"{task.type} label of task {task.name!r} (class indices below "
-                                  f"{len(task.classes)}); rebuild the dataset")
-            for i in indices:
-                out[task.classes[i]] += 1
-    out["missing"] = missing
+def _labels(ds, split: str, task, rows: dict[str, list]) -> dict[str, Any]:
+    """The card's label counts of ``task`` in ``split``: {class name: n, ..., "missing": n}; for regression
+    present/missing, with min/mean/max of the values (from the index: the card holds no values)."""
+    counts = ds.label_counts(split, task.name)
+    if task.type != "regression":
+        return counts
+    out: dict[str, Any] = {"present": counts["present"]}
+    flat = [x for v in rows.get(LABEL_PREFIX + task.name, []) if v is not None for x in v]
+    if flat:
+        out.update(min=min(flat), mean=sum(flat) / len(flat), max=max(flat))
+    out["missing"] = counts["missing"]
     return out
 
 

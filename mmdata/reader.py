@@ -1,19 +1,18 @@
-"""Read samples' bytes from shards by their index offsets: pread locally, ranged reads through fsspec."""
+"""Read samples' bytes from shards by their index offsets: pread of local files (or cached copies), ranged
+reads of remote ones, all through the dataset's ``Storage``."""
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 from collections import OrderedDict
 from collections.abc import Iterator
 
 import numpy as np
 
-from .dataset import Dataset, SplitIndex, _local, is_url
+from .dataset import Dataset, SplitIndex
 from .errors import CorruptShardError, MmdataError
-from .format import group_samples, parse_members
-from .storage import open_regular
+from .format import TarError, group_samples, parse_members
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +28,10 @@ class ShardReader:
         self.dataset = dataset
         self.split = split
         self.index: SplitIndex = dataset.split_index(split)
+        self.storage = dataset.storage
+        self._ranged = self.storage.ranged  # remote without a cache: byte-range reads, no descriptors
         self._fds: OrderedDict[int, int] = OrderedDict()  # shard -> descriptor, least recent first
         self._sizes: dict[int, int] = {}  # shard -> bytes of the file opened for it
-        self._remote = is_url(dataset.root)
-        self._fs = None
 
     def read_range(self, shard: int, start: int, length: int) -> bytes:
         """At most ``length`` bytes of shard ``shard`` from ``start``: fewer where the file ends sooner.
@@ -45,11 +44,10 @@ class ShardReader:
         if start < 0 or length < 0 or (limit is not None and start + length > limit):
             raise CorruptShardError(f"shard {file!r}: bytes {start}..{start + length} are outside the shard's "
                                     f"{limit} bytes in dataset.json; rebuild the dataset")
-        path = self.dataset.url(file)
         try:
-            if self._remote and self.dataset.cache is None:
-                return self._fs_cat(path, start, start + length)
-            fd = self._fd(shard, path)
+            if self._ranged:
+                return self.storage.read(file, start, start + length)
+            fd = self._fd(shard)
             # pread allocates ``length`` first: never more than the file holds, whatever the card says
             return os.pread(fd, max(0, min(length, self._sizes[shard] - start)), start)
         except FileNotFoundError:
@@ -60,41 +58,18 @@ class ShardReader:
                 raise
             raise CorruptShardError(f"shard {file!r} cannot be read: {e}") from None
 
-    def _fd(self, shard: int, path: str) -> int:
+    def _fd(self, shard: int) -> int:
+        """A descriptor of the shard (local) or of its cached copy (remote); at most ``MAX_OPEN`` kept open."""
         fd = self._fds.get(shard)
         if fd is not None:
             self._fds.move_to_end(shard)
             return fd
         if len(self._fds) >= MAX_OPEN:
             os.close(self._fds.popitem(last=False)[1])
-        fd = self._fds[shard] = self._open(shard, path)
+        size = self.index.shard_bytes[shard] if self.index.shard_bytes else None
+        fd = self._fds[shard] = self.storage.descriptor(self.index.files[shard], size)
         self._sizes[shard] = os.fstat(fd).st_size
         return fd
-
-    def _open(self, shard: int, path: str) -> int:
-        """A descriptor of a local shard, or of the cached local copy of a remote one."""
-        if not self._remote:  # only a regular file inside the dataset folder: no FIFO, device or link out
-            return open_regular(_local(self.dataset.root), self.index.files[shard])[0]
-        from .cache import ShardCache
-        from .storage import with_retries
-
-        fs, p = self._url_to_fs(path)
-        size = self.dataset.card.splits[self.split].shards[shard].bytes
-        return ShardCache(*self.dataset.cache).open(
-            path, lambda tmp: with_retries(lambda: fs.get_file(p, tmp), f"downloading {path}"), size)
-
-    def _fs_cat(self, path: str, start: int, end: int) -> bytes:
-        from .storage import with_retries
-
-        fs, p = self._url_to_fs(path)
-        return with_retries(lambda: fs.cat_file(p, start=start, end=end), f"reading {path}")
-
-    def _url_to_fs(self, path: str):
-        from .storage import url_to_fs
-
-        if self._fs is None:  # one filesystem per reader (per worker), with the dataset's options
-            self._fs = url_to_fs(self.dataset.root, self.dataset.storage_options)[0]
-        return self._fs, self._fs._strip_protocol(path)
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -105,7 +80,6 @@ class ShardReader:
         state = dict(self.__dict__)
         state["_fds"] = OrderedDict()  # file descriptors never cross a process boundary
         state["_sizes"] = {}
-        state["_fs"] = None
         return state
 
 
@@ -114,20 +88,15 @@ def sample_error(cls: type[MmdataError], file: str, key: str, offset: int, what:
     return cls(f"shard {file!r}, sample {key!r} at byte {offset}: {what}")
 
 
-_AT_BYTE = re.compile(r"at byte (\d+)")
-
-
 def parse_sample(data: bytes | memoryview, file: str, key: str, offset: int = 0) -> dict[str, bytes]:
     """Members {ext: bytes} of one sample's byte range, read from byte ``offset`` of shard ``file``.
 
     CorruptShardError naming shard, key and the absolute byte offset of what is wrong.
     """
     try:
-        groups = list(group_samples(parse_members(data)))
-    except (ValueError, UnicodeDecodeError) as e:
-        # parse_members counts bytes from the start of ``data``; the message gives them in the shard
-        what = _AT_BYTE.sub(lambda m: f"at byte {offset + int(m.group(1))}", str(e))
-        raise sample_error(CorruptShardError, file, key, offset, f"{what}; rebuild the dataset") from None
+        groups = list(group_samples(parse_members(data, base=offset)))
+    except TarError as e:  # its byte offsets are the shard's: parse_members counts from ``offset``
+        raise sample_error(CorruptShardError, file, key, offset, f"{e}; rebuild the dataset") from None
     if len(groups) != 1 or groups[0][0] != key:
         found = [g[0] for g in groups]
         raise sample_error(CorruptShardError, file, key, offset, f"the bytes there hold samples {found}, not "

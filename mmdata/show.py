@@ -5,8 +5,6 @@ With an augmentation config the same samples are drawn before and after ``mmdata
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,26 +67,22 @@ def pick_samples(ds, split: str, n: int, seed: int = 0) -> list[Shown]:
 
 
 def _decode(key: str, members: dict[str, bytes], tasks) -> Shown:
-    from PIL import Image
+    """The sample as drawn, decoded by the loader's member decoders (the stored size, the stored rate)."""
+    from .decode import decode_labels, decode_meta, decode_rgb, decode_text, read_audio
 
     s = Shown(key, members)
     ext = next((e for e in IMAGE_EXTS if e in members), None)
     if ext:
-        with Image.open(io.BytesIO(members[ext])) as im:
-            s.image = np.asarray(im.convert("RGB"))
+        s.image = decode_rgb(members[ext]).permute(1, 2, 0).numpy()  # (H, W, 3)
     ext = next((e for e in AUDIO_EXTS if e in members), None)
     if ext:
-        import soundfile as sf
-
-        wav, _ = sf.read(io.BytesIO(members[ext]), dtype="float32", always_2d=True)  # (T, C)
-        s.audio = wav.mean(axis=1)
+        s.audio = read_audio(members[ext])[0]  # (T,)
     if TEXT_EXT in members:
-        s.text = members[TEXT_EXT].decode("utf-8")
-    meta = json.loads(members[META_EXT]) if META_EXT in members else {}
+        s.text = decode_text(members[TEXT_EXT])
+    meta = decode_meta(members.get(META_EXT))
     s.source_id = meta.get("id")
-    stored = meta.get("labels") or {}
-    for t in tasks:
-        s.labels[t.name] = label_name(t, stored.get(t.name))
+    labels = decode_labels(tasks, meta)
+    s.labels = {t.name: label_name(t, labels[t.name]) for t in tasks}
     return s
 
 

@@ -1,6 +1,7 @@
 """`mmdata stats`: one figure of label distributions per task and split, and media size histograms.
 
-Drawn from index.parquet alone (no shard is read), so it is cheap on any dataset size.
+Drawn from dataset.json (label counts) and index.parquet (regression labels, media sizes); no shard is read,
+so it is cheap on any dataset size.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ TOP_IMAGE_SIZES = 12
 def stats_figure(dataset, columns: int = 3):
     """Plot the dataset's statistics; return the matplotlib Figure (one axes per panel).
 
-    Panels: one per task (label counts by class, bars grouped by split; a histogram for regression),
+    Panels: one per task (the card's label counts by class, bars grouped by split; a histogram for regression),
     then audio seconds, image sizes (width x height, most common first) and text characters, each
     only when the dataset has that modality.
     """
@@ -44,8 +45,12 @@ def stats_figure(dataset, columns: int = 3):
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.6 * rows), squeeze=False)
     color = {s: SPLIT_COLORS[i % len(SPLIT_COLORS)] for i, s in enumerate(splits)}
     for ax, (kind, task) in zip(axes.flat, panels):
-        if kind == "task":
-            _task_panel(ax, task, {s: data[s].get(LABEL_PREFIX + task.name, []) for s in splits}, color)
+        if kind == "task" and task.type == "regression":
+            first = {s: [v[0] for v in data[s].get(LABEL_PREFIX + task.name, []) if v is not None] for s in splits}
+            _hist(ax, first, color, f"{task.name} (regression, first dim)", "value")
+        elif kind == "task":
+            _task_panel(ax, task, {s: ds.label_counts(s, task.name) for s in splits},
+                        {s: len(data[s]["key"]) for s in splits}, color)
         elif kind == "audio":
             _hist(ax, {s: data[s]["audio_seconds"] for s in splits}, color, "audio seconds", "seconds")
         elif kind == "text":
@@ -66,22 +71,11 @@ def stats_figure(dataset, columns: int = 3):
     return fig
 
 
-def _task_panel(ax, task, values: dict[str, list], color: dict[str, str]) -> None:
-    if task.type == "regression":
-        flat = {s: [v[0] for v in vals if v is not None] for s, vals in values.items()}
-        _hist(ax, flat, color, f"{task.name} (regression, first dim)", "value")
-        return
-    counts = {}
-    for s, vals in values.items():
-        c = np.zeros(len(task.classes) + 1, dtype=np.int64)  # (C+1,) last: missing
-        for v in vals:
-            if v is None:
-                c[-1] += 1
-            else:
-                for i in [v] if task.type == "classification" else v:
-                    c[i] += 1
-        counts[s] = c
+def _task_panel(ax, task, label_counts: dict[str, dict[str, int]], samples: dict[str, int],
+                color: dict[str, str]) -> None:
+    """Bars of each class's share of each split's ``samples``, from the card's ``label_counts`` per split."""
     names = [*task.classes, "missing"]
+    counts = {s: np.array([c[k] for k in names], dtype=np.int64) for s, c in label_counts.items()}  # (C+1,)
     keep = np.arange(len(names))
     if not any(c[-1] for c in counts.values()):
         keep = keep[:-1]  # no missing labels anywhere: no empty bar
@@ -92,7 +86,7 @@ def _task_panel(ax, task, values: dict[str, list], color: dict[str, str]) -> Non
     width = 0.8 / max(1, len(counts))
     x = np.arange(len(keep))
     for j, (s, c) in enumerate(counts.items()):
-        n = max(1, len(values[s]))
+        n = max(1, samples[s])
         ax.bar(x + (j - (len(counts) - 1) / 2) * width, 100.0 * c[keep] / n, width, label=f"{s} (n={n})",
                color=color[s])
     _xticks(ax, x, [names[i] for i in keep])

@@ -21,15 +21,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
+from .cache import ShardCache
 from .errors import ConfigError, CorruptShardError, DatasetNotFoundError, MmdataError
-from .format import CARD_NAME
+from .format import CARD_NAME, PARTIAL_SUFFIX
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-STAGING_SUFFIX = ".partial"
 # errors that a retry cannot fix: raised at once
 PERMANENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, MmdataError)
 
@@ -53,6 +53,11 @@ def is_url(path: str | os.PathLike) -> bool:
     """True for ``scheme://...`` other than ``file://`` (those go through fsspec)."""
     text = os.fspath(path)
     return "://" in text and not text.startswith("file://")
+
+
+def local_path(path: str | os.PathLike) -> str:
+    """The local path of a path or ``file://`` URL."""
+    return os.fspath(path).removeprefix("file://")
 
 
 def url_to_fs(url: str | os.PathLike, storage_options: dict[str, Any] | None = None):
@@ -89,7 +94,7 @@ def with_retries(fn: Callable[[], T], what: str, policy: RetryPolicy = RetryPoli
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Write a local file under a staging name, fsync it, then rename it into place."""
-    tmp = path.with_name(path.name + STAGING_SUFFIX)
+    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -150,22 +155,34 @@ def read_regular(root: str | os.PathLike, name: str, limit: int | None = None,
 
 
 class Storage:
-    """A folder (local path or URL) with retried, staged file operations; pickles as its URL and options."""
+    """A folder (local path or URL) with retried, staged file operations; pickles as its URL and options.
+
+    The one door to a dataset's bytes: every read of a dataset goes through it. A local folder may be
+    hostile, so reads there open only regular files inside it (``open_regular``); a remote one is read
+    through fsspec with ``storage_options``, by byte range or, with ``cache`` (folder, bytes), as whole
+    local copies kept in a ``ShardCache``.
+    """
 
     def __init__(self, url: str | os.PathLike, storage_options: dict[str, Any] | None = None,
-                 retry: RetryPolicy = RetryPolicy()):
+                 retry: RetryPolicy = RetryPolicy(), cache: tuple[str, int] | None = None):
         self.url = os.fspath(url).rstrip("/")
         self.storage_options = dict(storage_options or {})
         self.retry = retry
+        self.cache = cache  # (folder, max bytes) of the ShardCache that remote files are copied into, or None
         self._fs = None
+        self._pid = None
+        self._shard_cache = None
 
     def __repr__(self) -> str:
         return f"Storage({self.url!r})"
 
     @property
     def fs(self):
-        if self._fs is None:
+        """The fsspec filesystem, made in this process: one inherited through a fork is not used (an async
+        filesystem's event loop does not survive a fork; a DataLoader worker makes its own)."""
+        if self._fs is None or self._pid != os.getpid():
             self._fs, self._root = url_to_fs(self.url, self.storage_options)
+            self._pid = os.getpid()
         return self._fs
 
     @property
@@ -175,9 +192,13 @@ class Storage:
 
     @property
     def is_local(self) -> bool:
-        from fsspec.implementations.local import LocalFileSystem
+        """True for a local path or ``file://`` URL: read with the checks of ``open_regular``."""
+        return not is_url(self.url)
 
-        return isinstance(self.fs, LocalFileSystem)
+    @property
+    def ranged(self) -> bool:
+        """True when parts of a file are read by byte range (remote, no cache), not from a descriptor."""
+        return not self.is_local and self.cache is None
 
     def path(self, name: str) -> str:
         return f"{self.root}/{name}"
@@ -186,6 +207,55 @@ class Storage:
         """Bytes ``start:end`` of file ``name`` (all of it by default); FileNotFoundError when absent."""
         return with_retries(lambda: self.fs.cat_file(self.path(name), start=start, end=end),
                             f"reading {self.url}/{name}", self.retry)
+
+    def read_file(self, name: str, limit: int | None = None,
+                  error: type[MmdataError] = CorruptShardError) -> bytes:
+        """The whole of file ``name`` of a dataset; ``error`` when it has more than ``limit`` bytes.
+
+        Locally only a regular file inside the folder is read (``error`` for a FIFO, a device, a folder or
+        a link out of it). FileNotFoundError when absent.
+        """
+        if self.is_local:
+            return read_regular(local_path(self.url), name, limit, error)
+
+        def whole() -> bytes:
+            with self.fs.open(self.path(name), "rb") as f:
+                return f.read() if limit is None else f.read(limit + 1)
+
+        data = with_retries(whole, f"reading {self.url}/{name}", self.retry)
+        if limit is not None and len(data) > limit:
+            raise error(f"{name!r} in {self.url!r} has more than the {limit} bytes such a file may have; "
+                        "restore it or rebuild the dataset")
+        return data
+
+    def open_file(self, name: str, error: type[MmdataError] = CorruptShardError) -> tuple[BinaryIO, int | None]:
+        """(binary file, its size or None when the store does not say) of file ``name``, to read in order.
+
+        Refuses with ``error`` what is not a file (and locally, what ``open_regular`` refuses);
+        FileNotFoundError when absent.
+        """
+        if self.is_local:
+            fd, size = open_regular(local_path(self.url), name, error)
+            return os.fdopen(fd, "rb"), size
+        info = with_retries(lambda: self.fs.info(self.path(name)), f"checking {self.url}/{name}", self.retry)
+        if info.get("type", "file") != "file":
+            raise error(f"{self.url + '/' + name!r} is a {info.get('type')}, not a file; restore it or rebuild "
+                        "the dataset")
+        return self.fs.open(self.path(name), "rb"), info.get("size")
+
+    def descriptor(self, name: str, size: int | None = None, error: type[MmdataError] = CorruptShardError) -> int:
+        """A read-only descriptor of file ``name``, for ``os.pread``: the local file itself, or the cache's
+        whole local copy of a remote one (downloaded once; ``size``: the bytes it must have).
+
+        ConfigError for a remote folder without a cache (read it by range with ``read``).
+        """
+        if self.is_local:
+            return open_regular(local_path(self.url), name, error)[0]
+        if self.cache is None:
+            raise ConfigError(f"{self.url!r} has no local cache to copy {name!r} into; read it by byte range")
+        if self._shard_cache is None:
+            self._shard_cache = ShardCache(*self.cache)
+        return self._shard_cache.open(f"{self.url}/{name}", lambda tmp: self.download(name, tmp), size)
 
     def write(self, name: str, data: bytes) -> None:
         """Write ``name`` whole: locally under a staging name then renamed; on an object store one PUT."""
@@ -204,7 +274,7 @@ class Storage:
 
             path = Path(self.path(name))
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + STAGING_SUFFIX)
+            tmp = path.with_name(path.name + PARTIAL_SUFFIX)
             shutil.copyfile(local, tmp)
             os.replace(tmp, path)
             return
@@ -245,14 +315,15 @@ class Storage:
         """Remove the card first: from here on readers see no dataset until ``publish`` writes a new one."""
         self.remove(CARD_NAME)
 
-    def __getstate__(self):
-        return {"url": self.url, "storage_options": self.storage_options, "retry": self.retry, "_fs": None}
+    def __getstate__(self):  # no filesystem, no open cache: rebuilt where it is unpickled
+        return {"url": self.url, "storage_options": self.storage_options, "retry": self.retry,
+                "cache": self.cache, "_fs": None, "_pid": None, "_shard_cache": None}
 
 
 def publish(local_dir: str | os.PathLike, dest: Storage) -> None:
     """Upload every file of ``local_dir`` to ``dest``, the card last (the commit point)."""
     local_dir = Path(local_dir)
-    files = sorted(p for p in local_dir.rglob("*") if p.is_file() and not p.name.endswith(STAGING_SUFFIX))
+    files = sorted(p for p in local_dir.rglob("*") if p.is_file() and not p.name.endswith(PARTIAL_SUFFIX))
     card = local_dir / CARD_NAME
     if card not in files:
         raise DatasetNotFoundError(f"no {CARD_NAME} in {str(local_dir)!r}: nothing to publish")
@@ -284,5 +355,5 @@ def fetch_tree(url: str, local_dir: str | os.PathLike, storage_options: dict[str
     return local_dir / path.rsplit("/", 1)[-1] if is_file else local_dir
 
 
-__all__ = ["RetryPolicy", "Storage", "fetch_tree", "is_url", "open_regular", "publish", "read_regular",
+__all__ = ["RetryPolicy", "Storage", "fetch_tree", "is_url", "local_path", "open_regular", "publish", "read_regular",
            "url_to_fs", "with_retries"]

@@ -7,29 +7,36 @@ that can be checked. Each shard is checked on its own (in a process pool with ``
 from __future__ import annotations
 
 import bisect
-import hashlib
-import io
 import json
 import logging
-import os
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .card import LABEL_PREFIX
+from .card import LABEL_PREFIX, count_labels
 from .cli import add_storage_options
-from .dataset import _local, int_column, is_url, range_problems
-from .errors import CorruptShardError, MmdataError
-from .format import AUDIO_EXTS, BLOCK, IMAGE_EXTS, KEY_RE, MEMBER_ORDER, META_EXT, TEXT_EXT
-from .storage import open_regular, url_to_fs
+from .dataset import Dataset, int_column, open_dataset, range_problems
+from .errors import ConfigError, MmdataError, SchemaError
+from .format import (
+    AUDIO_EXTS,
+    BLOCK,
+    CARD_NAME,
+    IMAGE_EXTS,
+    INDEX_NAME,
+    KEY_RE,
+    MEMBER_ORDER,
+    META_EXT,
+    TEXT_EXT,
+    TarError,
+    TarStream,
+    tar_members,
+)
+from .storage import Storage
+from .tasks import Task
 
 log = logging.getLogger(__name__)
-
-READ_CHUNK = 1 << 20  # bytes read (and hashed) at a time
-ZERO_BLOCK = bytes(BLOCK)
 
 
 @dataclass(frozen=True)
@@ -48,15 +55,18 @@ class Failure:
 class ShardJob:
     """What one shard must hold: the card's entry and the index rows naming it."""
 
-    url: str
+    storage: Storage  # the dataset's folder: a local shard must be a regular file inside it
     file: str
     samples: int
     bytes: int
     sha256: str
     rows: tuple[dict[str, Any], ...]  # key, offset, size, image_width, image_height, label:<task>...
     decode: bool
-    storage_options: dict[str, Any] | None = None  # fsspec options for a URL
-    root: str = ""  # the dataset folder or URL: a local shard must be a regular file inside it
+    tasks: tuple[Task, ...] = ()  # the card's: each decoded label must be a stored label of its task
+
+    @property
+    def url(self) -> str:
+        return f"{self.storage.url}/{self.file}"
 
 
 def verify_dataset(path: str, decode: bool = False, workers: int = 1, progress: bool = True,
@@ -64,11 +74,7 @@ def verify_dataset(path: str, decode: bool = False, workers: int = 1, progress: 
     """Check every shard against the card and index; return the failures (empty when all holds)."""
     from tqdm.auto import tqdm
 
-    from .dataset import open_dataset
-
     if workers < 1:
-        from .errors import ConfigError
-
         raise ConfigError(f"workers must be positive, got {workers}")
     ds = open_dataset(path, storage_options=storage_options)
     for column in ("offset", "size"):
@@ -89,11 +95,12 @@ def verify_dataset(path: str, decode: bool = False, workers: int = 1, progress: 
     for key, n in Counter(r["key"] for r in index).items():
         if n > 1:
             failures.append(Failure("index.parquet", key, f"key appears in {n} index rows; keys must be unique"))
-    for stray in _tar_files(ds.root, storage_options) - set(card_files):
+    failures += _label_count_failures(ds)
+    for stray in _tar_files(ds.storage) - set(card_files):
         failures.append(Failure(stray, None, "tar file in the dataset folder is not listed in dataset.json; "
                                              "remove it or rebuild"))
-    jobs = [ShardJob(ds.url(s.file), s.file, s.samples, s.bytes, s.sha256, tuple(rows_of[s.file]), decode,
-                     storage_options, ds.root)
+    jobs = [ShardJob(ds.storage, s.file, s.samples, s.bytes, s.sha256, tuple(rows_of[s.file]), decode,
+                     tuple(ds.tasks))
             for info in ds.card.splits.values() for s in info.shards]
     keys_seen: dict[str, str] = {}
     bar = tqdm(total=len(jobs), unit="shard", desc="verify", disable=not progress)
@@ -112,14 +119,30 @@ def verify_dataset(path: str, decode: bool = False, workers: int = 1, progress: 
     return failures
 
 
-def _tar_files(root: str, storage_options: dict[str, Any] | None = None) -> set[str]:
-    """Names of the ``*.tar`` files directly under ``root`` (local or fsspec)."""
-    import fsspec
+def _label_count_failures(ds: Dataset) -> list[Failure]:
+    """The card's label counts that the index does not bear out (`info` and `stats` show the card's)."""
+    out = []
+    for split, info in ds.card.splits.items():
+        for task in ds.tasks:
+            stored = info.label_counts.get(task.name)
+            if stored is None:  # a card without counts: readers count the index
+                continue
+            try:
+                counted = count_labels(task, ds.label_values(split, task.name))
+            except SchemaError as e:
+                out.append(Failure(INDEX_NAME, None, f"split {split!r}: {e}"))
+                continue
+            if stored != counted:
+                out.append(Failure(CARD_NAME, None, f"label counts of task {task.name!r} in split {split!r} are "
+                                                    f"{stored}, the index counts {counted}; rebuild the dataset"))
+    return out
 
-    fs, path = fsspec.core.url_to_fs(root, **(storage_options or {}))
+
+def _tar_files(storage: Storage) -> set[str]:
+    """Names of the ``*.tar`` files directly under the dataset's folder (local or fsspec)."""
     try:
-        return {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.glob(f"{path.rstrip('/')}/*.tar")}
-    except (FileNotFoundError, NotImplementedError):
+        return {n for n in storage.names() if n.endswith(".tar")}
+    except NotImplementedError:  # a store that cannot list: nothing to compare
         return set()
 
 
@@ -152,7 +175,7 @@ def check_shard(job: ShardJob) -> tuple[list[Failure], list[str]]:
     problems = _row_problems(job)
     rows = [r for i, r in enumerate(job.rows) if i not in problems]
     try:
-        f, size = _open_shard(job)
+        f, size = job.storage.open_file(job.file)
     except FileNotFoundError:
         bad(None, f"shard file is missing ({job.url}); the card lists it with {job.samples} samples")
         return fail, claimed
@@ -164,10 +187,10 @@ def check_shard(job: ShardJob) -> tuple[list[Failure], list[str]]:
         if size is not None and size != job.bytes:
             what = "truncated" if size < job.bytes else "longer than the card says"
             bad(None, f"{what}: {size} bytes, the card says {job.bytes}")
-        scan = _Scan(f, job.bytes if size is None else min(size, job.bytes))
-        samples, errors = _walk(scan, rows, job.decode,
+        stream = TarStream(f, limit=job.bytes if size is None else min(size, job.bytes), sha256=True)
+        samples, errors = _walk(stream, rows, job.tasks if job.decode else None,
                                 lambda key, what: walked.append(Failure(job.file, key, what)))
-        digest = scan.finish()
+        digest = stream.digest()
     if digest != job.sha256:
         bad(None, f"sha256 {digest[:16]}... does not match the card's {job.sha256[:16]}...")
     fail += walked
@@ -220,116 +243,25 @@ def _row_problems(job: ShardJob) -> dict[int, str]:
     return range_problems(offset, size, null, np.full(n, job.bytes, dtype=np.int64))
 
 
-def _covers(row: dict[str, Any], e: _TarError) -> bool:
+def _covers(row: dict[str, Any], e: TarError) -> bool:
     """True when structural error ``e`` already accounts for index row ``row``."""
     return row["offset"] <= e.pos < row["offset"] + row["size"] or (e.final and row["offset"] > e.pos)
 
 
-def _open_shard(job: ShardJob):
-    """(binary file, size or None when the store does not say) of a shard; refuses what is not a file."""
-    if not is_url(job.root):
-        fd, size = open_regular(_local(job.root), job.file)
-        return os.fdopen(fd, "rb", buffering=READ_CHUNK), size
-    fs, path = url_to_fs(job.url, job.storage_options)
-    info = fs.info(path)  # FileNotFoundError when absent
-    if info.get("type", "file") != "file":
-        raise CorruptShardError(f"{job.url!r} is a {info.get('type')}, not a file; restore the shard or rebuild "
-                                "the dataset")
-    return fs.open(path, "rb"), info.get("size")
-
-
-class _Scan:
-    """One shard read front to back: at most ``limit`` bytes, in chunks, every byte read hashed."""
-
-    def __init__(self, f, limit: int):
-        self.f, self.limit, self.pos = f, limit, 0
-        self.sha = hashlib.sha256()
-
-    def read(self, n: int) -> bytes:
-        """The next ``n`` bytes, fewer where the file or the limit ends."""
-        parts = []
-        n = min(n, self.limit - self.pos)
-        while n > 0:
-            b = self.f.read(min(n, READ_CHUNK))
-            if not b:
-                break
-            self.sha.update(b)
-            parts.append(b)
-            self.pos += len(b)
-            n -= len(b)
-        return b"".join(parts)
-
-    def skip_to(self, target: int) -> None:
-        """Read (and hash) up to byte ``target``, keeping nothing."""
-        while self.pos < min(target, self.limit):
-            if not self.read(min(target - self.pos, READ_CHUNK)):
-                return
-
-    def finish(self) -> str:
-        """The sha256 of every byte up to the limit (or the file's end)."""
-        self.skip_to(self.limit)
-        return self.sha.hexdigest()
-
-
-class _TarError(Exception):
-    """A structural error at byte ``pos``; ``final``: nothing after it can be read (the file ends)."""
-
-    def __init__(self, pos: int, what: str, final: bool = False):
-        super().__init__(what)
-        self.pos, self.what, self.final = pos, what, final
-
-
-def _members(scan: _Scan) -> Iterator[tuple[int, str, int]]:
-    """(header offset, name, size) of each regular member from the scan's position to the end blocks.
-
-    The member's data comes next in ``scan``: the caller may read it; what it leaves is skipped.
-    """
-    while True:
-        pos = scan.pos
-        header = scan.read(BLOCK)
-        if len(header) < BLOCK:
-            raise _TarError(pos, f"truncated: ends at byte {scan.pos} inside or before a tar header (no "
-                                 "end-of-archive blocks)", final=True)
-        if header == ZERO_BLOCK:
-            return
-        try:
-            name, size, typeflag = _header(header)
-        except ValueError as e:
-            raise _TarError(pos, f"corrupt tar header at byte {pos}: {e}") from None
-        start = pos + BLOCK
-        if start + size > scan.limit:
-            raise _TarError(pos, f"truncated: member {name!r} at byte {pos} needs {size} bytes, "
-                                 f"{scan.limit - start} remain")
-        if typeflag in (b"0", b"\0"):
-            yield pos, name, size
-        scan.skip_to(start + (size + BLOCK - 1) // BLOCK * BLOCK)
-
-
-def _header(h: bytes) -> tuple[str, int, bytes]:
-    stored = h[148:156].rstrip(b"\0 ").strip()
-    if not stored or int(stored, 8) != sum(h[:148]) + 8 * 32 + sum(h[156:]):
-        raise ValueError("checksum mismatch")
-    name = h[0:100].split(b"\0", 1)[0].decode("utf-8")
-    prefix = h[345:500].split(b"\0", 1)[0].decode("utf-8")
-    size = int(h[124:136].rstrip(b"\0 ").strip() or b"0", 8)
-    if size < 0:
-        raise ValueError(f"negative size {size}")
-    return (f"{prefix}/{name}" if prefix else name), size, h[156:157]
-
-
-def _walk(scan: _Scan, rows: list[dict[str, Any]], decode: bool,
-          bad) -> tuple[list[dict[str, Any]], list[_TarError]]:
+def _walk(stream: TarStream, rows: list[dict[str, Any]], tasks: tuple[Task, ...] | None,
+          bad) -> tuple[list[dict[str, Any]], list[TarError]]:
     """Group the shard's members into samples as they stream by; report structural errors and resync.
 
-    Returns (samples: key, offset, size and with ``decode`` what failed to decode; the structural errors).
-    ``rows``: the shard's index rows whose byte ranges fit it; a corrupt header is reported once, under the
-    key of the row it falls in, and the walk resumes at the next row's offset.
+    Returns (samples: key, offset, size and with ``tasks`` (decode) what failed to decode; the structural
+    errors). ``rows``: the shard's index rows whose byte ranges fit it; a corrupt header is reported once,
+    under the key of the row it falls in, and the walk resumes at the next row's offset.
     """
     row_at = {r["offset"]: r for r in rows}
     starts = sorted(row_at)
     samples: list[dict[str, Any]] = []
     first: dict[str, int] = {}
-    errors: list[_TarError] = []
+    errors: list[TarError] = []
+    current: dict[str, Any] | None = None
 
     def finish(s: dict[str, Any]) -> None:
         s["size"] = s["end"] - s["offset"]
@@ -341,46 +273,43 @@ def _walk(scan: _Scan, rows: list[dict[str, Any]], decode: bool,
             bad(s["key"], f"sample at byte {s['offset']} has no {s['key']}.{META_EXT} (id and labels)")
         members = s.pop("members")
         row = row_at.get(s["offset"])
-        if decode and row is not None and row["key"] == s["key"]:
-            s["decoded"] = decode_sample(members, row)
+        if tasks is not None and row is not None and row["key"] == s["key"]:
+            s["decoded"] = decode_sample(members, row, tasks)
         samples.append(s)
 
-    current: dict[str, Any] | None = None
-    while True:
-        try:
-            for pos, name, size in _members(scan):
-                base = name.rsplit("/", 1)[-1]
-                key, _, ext = base.partition(".")
-                if current is not None and current["key"] == key:
-                    if ext in current["exts"]:
-                        bad(key, f"member {name!r} appears twice in the sample")
-                else:
-                    if current is not None:
-                        finish(current)
-                    current = {"key": key, "offset": pos, "exts": [], "members": {}}
-                _check_member(name, key, ext, bad)
-                current["exts"].append(ext)
-                if decode and current["offset"] in row_at:  # bytes kept for this sample only
-                    current["members"][ext] = scan.read(size)
-                current["end"] = pos + BLOCK + (size + BLOCK - 1) // BLOCK * BLOCK
+    def resync(e: TarError) -> int | None:
+        """Report ``e`` once and return the next indexed sample's offset to read on from (None: stop)."""
+        nonlocal current
+        i = bisect.bisect_right(starts, e.pos)
+        nxt = starts[i] if i < len(starts) else None
+        if current is not None and e.pos in row_at:
+            finish(current)  # the error starts the next sample: the one before is whole
+        current = None  # else the sample being read is damaged: the error stands for it
+        if e.final or nxt is None or nxt >= stream.limit:
+            e.final = True
+        row = row_at[starts[i - 1]] if i else None
+        key = row["key"] if row is not None and e.pos < row["offset"] + row["size"] else None
+        bad(key, e.detail + ("" if e.final else f"; read on from the next indexed sample at byte {nxt}"))
+        errors.append(e)
+        return None if e.final else nxt
+
+    for pos, name, size in tar_members(stream, on_error=resync):
+        key, _, ext = name.rsplit("/", 1)[-1].partition(".")
+        if current is not None and current["key"] == key:
+            if ext in current["exts"]:
+                bad(key, f"member {name!r} appears twice in the sample")
+        else:
             if current is not None:
                 finish(current)
-            return samples, errors
-        except _TarError as e:
-            i = bisect.bisect_right(starts, e.pos)
-            nxt = starts[i] if i < len(starts) else None
-            if current is not None and e.pos in row_at:
-                finish(current)  # the error starts the next sample: the one before is whole
-            current = None  # else the sample being read is damaged: the error stands for it
-            if e.final or nxt is None or nxt >= scan.limit:
-                e.final = True
-            row = row_at[starts[i - 1]] if i else None
-            key = row["key"] if row is not None and e.pos < row["offset"] + row["size"] else None
-            bad(key, e.what + ("" if e.final else f"; read on from the next indexed sample at byte {nxt}"))
-            errors.append(e)
-            if e.final:
-                return samples, errors
-            scan.skip_to(nxt)
+            current = {"key": key, "offset": pos, "exts": [], "members": {}}
+        _check_member(name, key, ext, bad)
+        current["exts"].append(ext)
+        if tasks is not None and current["offset"] in row_at:  # bytes kept for this sample only
+            current["members"][ext] = stream.read(size)
+        current["end"] = pos + BLOCK + (size + BLOCK - 1) // BLOCK * BLOCK
+    if current is not None:
+        finish(current)
+    return samples, errors
 
 
 def _check_member(name: str, key: str, ext: str, bad) -> None:
@@ -396,38 +325,35 @@ def _check_member(name: str, key: str, ext: str, bad) -> None:
         bad(key, f"member {name!r}: unknown extension {ext!r}; expected one of {list(MEMBER_ORDER)}")
 
 
-def decode_sample(members: dict[str, bytes], row: dict[str, Any]) -> list[str]:
-    """Decode every member of a sample; return what failed or disagrees with its index row."""
+def decode_sample(members: dict[str, bytes], row: dict[str, Any], tasks: tuple[Task, ...] = ()) -> list[str]:
+    """Decode every member of a sample as the loader does; return what failed or disagrees with its index row."""
+    # torch is imported only to decode
+    from .decode import decode_labels, decode_meta, decode_rgb, decode_text, read_audio
+
     problems: list[str] = []
     for ext, data in members.items():
         try:
             if ext in IMAGE_EXTS:
-                from PIL import Image
-
-                with Image.open(io.BytesIO(data)) as im:
-                    im.load()
-                    size = im.size
-                if row.get("image_width") is not None and size != (row["image_width"], row["image_height"]):
-                    problems.append(f"{ext} is {size[0]}x{size[1]}, the index says "
-                                    f"{row['image_width']}x{row['image_height']}")
+                h, w = decode_rgb(data).shape[-2:]  # (3, H, W)
+                if row.get("image_width") is not None and (w, h) != (row["image_width"], row["image_height"]):
+                    problems.append(f"{ext} is {w}x{h}, the index says {row['image_width']}x{row['image_height']}")
             elif ext in AUDIO_EXTS:
-                import soundfile as sf
-
-                wav, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+                wav, sr = read_audio(data)  # (T,)
                 secs = row.get("audio_seconds")
                 if secs is not None and abs(len(wav) / sr - secs) > 1.0 / sr + 1e-6:
                     problems.append(f"{ext} lasts {len(wav) / sr:.4f} s, the index says {secs:.4f} s")
             elif ext == TEXT_EXT:
-                text = data.decode("utf-8")
+                text = decode_text(data)
                 if row.get("text_chars") is not None and len(text) != row["text_chars"]:
                     problems.append(f"{ext} has {len(text)} characters, the index says {row['text_chars']}")
             elif ext == META_EXT:
-                meta = json.loads(data.decode("utf-8"))
+                meta = decode_meta(data)
                 labels = meta.get("labels") or {}
                 for col in row:
-                    if col.startswith(LABEL_PREFIX) and labels.get(col[len(LABEL_PREFIX):]) != row[col]:
-                        task = col[len(LABEL_PREFIX):]
+                    task = col[len(LABEL_PREFIX):]
+                    if col.startswith(LABEL_PREFIX) and labels.get(task) != row[col]:
                         problems.append(f"label {task!r} is {labels.get(task)!r} in {ext}, the index says {row[col]!r}")
+                decode_labels(tasks, meta)  # ValueError for a label that is not a stored label of its task
         except Exception as e:  # any decoder error is a finding, not a crash
             problems.append(f"{ext} does not decode: {type(e).__name__}: {e}")
     return problems

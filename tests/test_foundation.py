@@ -9,8 +9,9 @@ import tarfile
 
 import pytest
 
+from mmdata.build.assemble import ShardFile
 from mmdata.errors import ConfigError, MmdataError, SchemaError
-from mmdata.format import MAX_KEY, ShardWriter, group_samples, make_key, member_header, parse_members
+from mmdata.format import MAX_KEY, group_samples, make_key, member_header, parse_members
 from mmdata.tasks import BadLabel, Task, infer_task
 
 
@@ -28,11 +29,10 @@ def test_module_help(cmd):
 
 def test_shards_are_byte_identical_and_tar_readable():
     def write():
-        buf = io.BytesIO()
-        w = ShardWriter(buf)
-        spans = [w.add(f"k{i}", {"txt": str(i).encode(), "json": b"{}"}) for i in range(5)]
-        closed = w.close()
-        return buf.getvalue(), spans, closed
+        w = ShardFile("train-000000.tar")
+        spans = [w.write_sample(f"k{i}", {"txt": str(i).encode(), "json": b"{}"}) for i in range(5)]
+        info = w.finish()
+        return w.data, spans, (info.bytes, info.sha256)
 
     a, spans, (size, sha) = write()
     b, _, (_, sha2) = write()
@@ -43,12 +43,11 @@ def test_shards_are_byte_identical_and_tar_readable():
 
 
 def test_truncated_member_is_reported():
-    buf = io.BytesIO()
-    w = ShardWriter(buf)
-    w.add("a", {"txt": b"x" * 1000})
-    w.close()
+    w = ShardFile("a.tar")
+    w.write_sample("a", {"txt": b"x" * 1000})
+    w.finish()
     with pytest.raises(ValueError, match="truncated"):
-        list(parse_members(buf.getvalue()[:900]))
+        list(parse_members(w.data[:900]))
 
 
 def test_keys_are_valid_and_distinct():
@@ -58,7 +57,7 @@ def test_keys_are_valid_and_distinct():
     assert make_key("x" * MAX_KEY) == "x" * MAX_KEY  # valid ids that fit are kept as they are
     long_a, long_b = make_key("x" * 300), make_key("x" * 301)
     assert long_a != long_b and len(long_a) <= MAX_KEY
-    ShardWriter(io.BytesIO()).add("x" * MAX_KEY, {"flac": b"1"})  # KEY.flac fits a ustar name
+    ShardFile("a.tar").write_sample("x" * MAX_KEY, {"flac": b"1"})  # KEY.flac fits a ustar name
 
 
 @pytest.mark.parametrize("name,size", [("a.png", 0), ("0_george_0.wav", 12345), ("k.json", 511),
@@ -80,3 +79,76 @@ def test_task_encoding_rejects_bad_labels():
     assert infer_task("x", [0.5, 1.25, None]).type == "regression"
     assert infer_task("d", [1, 10, 2]).classes == ("1", "2", "10")
     assert infer_task("m", [["a", "b"], ["c"]]).type == "multilabel"
+
+
+# ---- the one tar reader (format): the loader's reader, verify and show use it --------------------------------
+
+
+def _archive(n: int) -> tuple[bytes, list[int]]:
+    """A shard of ``n`` samples k0.. (txt + json) with its end blocks; and each sample's byte offset."""
+    from mmdata.format import archive_bytes, sample_block
+
+    blocks = [sample_block(f"k{i}", {"txt": b"x" * (100 * i + 1), "json": b"{}"}) for i in range(n)]
+    offsets = [sum(len(b) for b in blocks[:i]) for i in range(n)]
+    body = b"".join(blocks)
+    return body + bytes(archive_bytes(len(body)) - len(body)), offsets
+
+
+def test_tar_reader_counts_shard_bytes_and_reports_instead_of_raising():
+    from mmdata.format import TarError, TarStream, tar_members
+
+    data, offsets = _archive(3)
+    bad = bytearray(data)
+    bad[offsets[1] + 130] ^= 0x01  # the second sample's first header: its checksum no longer holds
+    with pytest.raises(TarError) as caught:
+        list(tar_members(TarStream(bytes(bad))))
+    assert (caught.value.pos, str(caught.value)) == (offsets[1], f"corrupt tar header at byte {offsets[1]}")
+    assert caught.value.detail == f"corrupt tar header at byte {offsets[1]}: checksum mismatch"
+    reported = []
+
+    def resync(e: TarError) -> int:  # report, and read on from the next sample
+        reported.append(e.pos)
+        return offsets[2]
+
+    names = [(pos, name) for pos, name, _ in tar_members(TarStream(bytes(bad)), on_error=resync)]
+    assert reported == [offsets[1]]
+    assert names == [(offsets[0], "k0.txt"), (offsets[0] + 1024, "k0.json"), (offsets[2], "k2.txt"),
+                     (offsets[2] + 1024, "k2.json")]
+    with pytest.raises(TarError, match="no end-of-archive blocks") as caught:
+        list(tar_members(TarStream(data[:offsets[2]])))  # a whole shard must end with zero blocks
+    assert caught.value.final
+
+
+def test_sample_parse_names_absolute_offsets():
+    data, offsets = _archive(3)
+    run = data[offsets[2]:]
+    assert list(group_samples(parse_members(run[:2048], base=offsets[2]))) == [("k2", {"txt": b"x" * 201,
+                                                                                      "json": b"{}"})]
+    broken = bytearray(run[:2048])
+    broken[1024 + 130] ^= 0x01  # k2.json's header
+    with pytest.raises(ValueError, match=f"^corrupt tar header at byte {offsets[2] + 1024}$"):
+        list(parse_members(bytes(broken), base=offsets[2]))
+
+
+def test_tar_stream_hashes_every_byte_and_reads_no_further_than_its_limit():
+    import hashlib
+
+    from mmdata.format import TarStream, tar_members
+
+    data, _ = _archive(4)
+    f = io.BytesIO(data + b"tail the card does not count")
+    stream = TarStream(f, limit=len(data), sha256=True)
+    assert [name for _, name, _ in tar_members(stream)] == [f"k{i}.{e}" for i in range(4) for e in ("txt", "json")]
+    assert stream.digest() == hashlib.sha256(data).hexdigest()  # members skipped, not read, are hashed too
+    assert f.tell() <= len(data)
+
+
+def test_the_version_has_one_source():
+    from importlib.metadata import version
+
+    import mmdata
+    from mmdata.card import Card
+    from mmdata.tasks import TaskList
+
+    assert mmdata.__version__ == version("mmdata")  # pyproject.toml, as installed
+    assert Card(modalities={}, tasks=TaskList(()), splits={}).tool_version == mmdata.__version__

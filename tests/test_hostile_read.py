@@ -369,22 +369,38 @@ def test_one_corrupt_header_is_one_failure_with_its_absolute_offset(ds, capsys, 
     assert loader.skipped == 1 and loader.skipped_samples[0][2] == str(caught.value)
 
 
-@pytest.mark.parametrize("label", [b'"digit":9', b'"digit":"x"'])
-def test_label_that_is_no_class_costs_only_its_sample(ds, label):
-    """A KEY.json label out of the task's classes fails its sample, not the batch's collate."""
-    victim = rows(ds)[1]
-    shard = ds / SHARDS[0]
+def fake_label(root: Path, label: bytes) -> dict:
+    """Write ``label`` over the labels in KEY.json of the second sample of shard 0; return its index row."""
+    victim = rows(root)[1]
+    shard = root / SHARDS[0]
     data = shard.read_bytes()
     start = data.index(b'"digit":', victim["offset"])
     end = data.index(b"}", start)  # the other labels go: they are then missing, which is fine
     fake = label.ljust(end - start, b" ")  # JSON allows the blanks; the tar layout stays the same
     shard.write_bytes(data[:start] + fake + data[end:])
+    return victim
+
+
+@pytest.mark.parametrize("label", [b'"digit":9', b'"digit":"x"'])
+def test_label_that_is_no_class_costs_only_its_sample(ds, label):
+    """A KEY.json label out of the task's classes fails its sample, not the batch's collate."""
+    victim = fake_label(ds, label)
     with pytest.raises(DecodeError) as caught:
         load(ds, "raise")
     assert str(caught.value).startswith(f"shard {SHARDS[0]!r}, sample {victim['key']!r} at byte "
                                         f"{victim['offset']}: cannot be decoded: ValueError: label 'digit' is ")
     keys, loader = load(ds, "skip")
     assert sorted(keys) == sorted(all_keys(ds) - {victim["key"]}) and loader.skipped == 1
+
+
+@pytest.mark.parametrize(("label", "what"), [(b'"digit":9', "label 'digit' is 9, not a stored classification"),
+                                              (b'"digit":"x"', "label 'digit' is 'x', not a stored classification")])
+def test_verify_decodes_labels_as_the_loader_does(ds, label, what):
+    """What fails the loader's decode fails `verify --decode`, under the sample's key."""
+    victim = fake_label(ds, label)
+    found = verify_dataset(str(ds), decode=True, progress=False)
+    assert [f.what for f in found if f.key == victim["key"] and what in f.what] == [
+        f"json does not decode: ValueError: {what} label (class indices below 3)"]
 
 
 def test_truncated_shard_fails_only_the_samples_past_its_end(ds):

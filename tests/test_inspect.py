@@ -125,6 +125,33 @@ def test_info_reads_fsspec_urls_without_shards(built, capsys):
     fs.rm("/inspect_ds", recursive=True)
 
 
+def test_info_and_stats_show_the_cards_label_counts_and_verify_checks_them(copy):
+    import matplotlib.pyplot as plt
+
+    from mmdata.stats import stats_figure
+
+    before = dataset_info(str(copy))
+    card = json.loads((copy / "dataset.json").read_text())
+    assert before["splits"]["train"]["labels"]["parity"] == card["splits"]["train"]["label_counts"]["parity"]
+    n = before["splits"]["train"]["samples"]
+    card["splits"]["train"]["label_counts"]["parity"] = {"even": n, "odd": 0, "missing": 0}  # not what the index says
+    (copy / "dataset.json").write_text(json.dumps(card))
+    assert dataset_info(str(copy))["splits"]["train"]["labels"]["parity"] == {"even": n, "odd": 0, "missing": 0}
+    fig = stats_figure(str(copy))
+    try:  # the parity panel: train's bars are the card's shares
+        assert [b.get_height() for b in fig.axes[1].containers[0]] == [100.0, 0.0]
+    finally:
+        plt.close(fig)
+    found = failures_of(copy)
+    assert [(f.shard, f.key) for f in found] == [("dataset.json", None)]
+    assert found[0].what.startswith(f"label counts of task 'parity' in split 'train' are {{'even': {n}, 'odd': 0, ")
+    for split in card["splits"].values():  # a card without label counts: they are counted from the index
+        del split["label_counts"]
+    (copy / "dataset.json").write_text(json.dumps(card))
+    assert dataset_info(str(copy)) == before
+    assert failures_of(copy) == []
+
+
 # ---- verify ---------------------------------------------------------------------------------------------
 
 
@@ -342,6 +369,53 @@ def test_show_augment_draws_before_and_after(built, tmp_path):
         assert fig.axes[3].images[0].get_array().shape[0] == 5 and "5 MFCCs" in fig.axes[3].get_xlabel()
     finally:
         plt.close(fig)
+
+
+def test_show_decodes_members_as_the_loader_does(built):
+    from mmdata.dataset import open_dataset
+    from mmdata.decode import Decoder, DecodeSpec
+    from mmdata.show import label_name, pick_samples
+
+    ds = open_dataset(built)
+    spec = DecodeSpec(modalities=("image", "audio"), tasks=tuple(ds.tasks), image_size=None, audio_samples=None,
+                      sample_rate=None, max_text_tokens=8)  # the stored size and rate: nothing resized
+    shown = pick_samples(ds, "train", 100)
+    assert len(shown) == ds.num_samples("train")
+    for s in shown:
+        want = Decoder(spec, None)(s.key, s.members)
+        assert (s.image == want.image.permute(1, 2, 0).numpy()).all()
+        assert (s.audio is None) == (want.audio is None) and (s.audio is None or (s.audio == want.audio).all())
+        assert s.labels == {t.name: label_name(t, want.labels[t.name]) for t in ds.tasks}
+
+
+def test_show_reads_a_url_dataset_through_its_storage_and_shard_cache(built, tmp_path):
+    import fsspec
+
+    from mmdata import CorruptShardError
+    from mmdata.dataset import open_dataset
+    from mmdata.show import pick_samples
+
+    fs = fsspec.filesystem("memory")
+    for f in built.rglob("*"):
+        if f.is_file():
+            fs.pipe(f"/cached_ds/{f.relative_to(built).as_posix()}", f.read_bytes())
+
+    def drawn(ds) -> list:
+        return [(s.key, s.members) for s in pick_samples(ds, "train", 100)]
+
+    try:
+        local = drawn(open_dataset(built))
+        cache = {"cache_dir": tmp_path / "cache", "cache_bytes": 1 << 30}
+        assert drawn(open_dataset("memory://cached_ds", **cache)) == local
+        shards = sorted(p.name.split("-", 1)[1] for p in (tmp_path / "cache" / "entries").iterdir())
+        assert shards == sorted(s.file for s in open_dataset(built).card.splits["train"].shards)
+        for name in shards:  # the store loses them: the cache still serves them
+            fs.rm(f"/cached_ds/{name}")
+        assert drawn(open_dataset("memory://cached_ds", **cache)) == local
+        with pytest.raises(CorruptShardError, match="is missing"):  # without the cache: ranged reads, which fail
+            drawn(open_dataset("memory://cached_ds"))
+    finally:
+        fs.rm("/cached_ds", recursive=True)
 
 
 def test_show_rejects_prints_each_reject_and_its_reason(built, capsys):
