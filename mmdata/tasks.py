@@ -69,7 +69,11 @@ class Task:
         try:
             return self.classes.index(key)
         except ValueError:
-            raise BadLabel(f"{self.name}: {value!r} is not a declared class {list(self.classes)}") from None
+            if len(key) > MAX_CLASS_CHARS:
+                raise BadLabel(f"{self.name}: a value of {len(key)} characters ({key[:40]!r}...) is too long to be "
+                               f"a class name (at most {MAX_CLASS_CHARS})") from None
+            shown = list(self.classes) if len(self.classes) <= 50 else [*self.classes[:50], "..."]
+            raise BadLabel(f"{self.name}: {_short(value)} is not a declared class {shown}") from None
 
     def _regression(self, value: Any) -> list[float]:
         values = value if isinstance(value, (list, tuple)) else [value]
@@ -113,22 +117,84 @@ class Task:
 
 def infer_task(name: str, values: list[Any]) -> Task:
     """Infer a task from raw values: strings/ints -> classification, floats -> regression, lists -> multilabel."""
-    present = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v)) and v != ""]
-    if not present:
-        raise ConfigError(f"task {name!r} has no labels at all; declare it in the build config or drop the column")
-    if all(isinstance(v, (list, tuple)) for v in present):
-        classes = sorted({str(c) for v in present for c in v}, key=_natural)
-        return Task(name, "multilabel", tuple(classes))
-    if all(isinstance(v, float) and not v.is_integer() for v in present) or (
-        all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present)
-        and any(isinstance(v, float) and not v.is_integer() for v in present)
-    ):
-        return Task(name, "regression")
-    classes = sorted({str(int(v)) if isinstance(v, float) else str(v) for v in present}, key=_natural)
-    return Task(name, "classification", tuple(classes))
+    stats = ValueStats()
+    for v in values:
+        stats.add(v)
+    return stats.task(name)
 
 
-def _natural(s: str) -> tuple:
+MAX_CLASSES = 10_000  # distinct values a task's classes are inferred from, at most
+MAX_CLASS_CHARS = 256  # characters of a class name, at most
+
+
+class ValueStats:
+    """What task inference needs of a label column, gathered one value at a time (no value list kept).
+
+    Memory grows with the distinct classes, not with the records: a build of millions of records keeps
+    one of these per label column.
+    """
+
+    __slots__ = ("present", "lists", "numeric", "fractional", "objects", "scalar_classes", "list_classes",
+                 "too_many")
+
+    def __init__(self) -> None:
+        self.present = 0
+        self.lists = 0  # values that are lists
+        self.numeric = 0  # ints and floats (not bools)
+        self.fractional = 0  # floats that are not whole
+        self.objects = 0  # dicts: no task unless declared
+        self.scalar_classes: set[str] = set()  # each value as a class name
+        self.list_classes: set[str] = set()  # each list's items as class names
+        self.too_many = False  # more distinct values than MAX_CLASSES (no longer gathered)
+
+    def add(self, v: Any) -> None:
+        if v is None or v == "" or (isinstance(v, float) and math.isnan(v)):
+            return
+        self.present += 1
+        if isinstance(v, (list, tuple)):
+            self.lists += 1
+            self._classes(self.list_classes, (str(c) for c in v))
+        elif isinstance(v, dict):
+            self.objects += 1
+            return
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            self.numeric += 1
+            if isinstance(v, float) and not v.is_integer():
+                self.fractional += 1
+        self._classes(self.scalar_classes, (str(int(v)) if isinstance(v, float) and v.is_integer() else str(v),))
+
+    def _classes(self, into: set[str], names) -> None:
+        for name in names:
+            if len(name) > MAX_CLASS_CHARS:
+                continue  # no class: such a value is rejected as a bad label, never put in the card
+            if len(into) >= MAX_CLASSES and name not in into:
+                self.too_many = True
+                continue
+            into.add(name)
+
+    @property
+    def regression(self) -> bool:
+        return self.present > 0 and self.numeric == self.present and self.fractional > 0
+
+    def task(self, name: str) -> Task:
+        if not self.present:
+            raise ConfigError(f"task {name!r} has no labels at all; declare it in the build config or drop the column")
+        if self.too_many and not self.regression:
+            raise ConfigError(f"task {name!r} has more than {MAX_CLASSES} distinct values: too many to be classes; "
+                              "declare it as regression, give its classes, or leave the column out of the tasks")
+        if self.lists == self.present:
+            return Task(name, "multilabel", tuple(sorted(self.list_classes, key=natural_key)))
+        if self.regression:
+            return Task(name, "regression")
+        return Task(name, "classification", tuple(sorted(self.scalar_classes, key=natural_key)))
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 100 else f"{text[:80]}... ({len(text)} characters)"
+
+
+def natural_key(s: str) -> tuple:
     """Sort '2' before '10' and numbers before words."""
     try:
         return (0, float(s), s)

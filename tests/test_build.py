@@ -218,40 +218,65 @@ def test_sample_data_manifest_and_folders_agree(tmp_path):
 
 
 def test_a_full_disk_is_an_error_not_a_short_shard(tmp_path):
-    from mmdata.build.media import Encoded
-    from mmdata.build.shards import TMP_SUFFIX, SplitWriter
-    from mmdata.format import sample_block
+    from mmdata.build.assemble import ShardFile
+    from mmdata.format import PARTIAL_SUFFIX, sample_block
 
     if not Path("/dev/full").exists():
         pytest.skip("needs /dev/full")
-    (tmp_path / ("train-000000.tar" + TMP_SUFFIX)).symlink_to("/dev/full")  # every write fails: ENOSPC
-    w = SplitWriter(tmp_path, "train", max_samples=100, max_bytes=1 << 30)
-    members = {"txt": b"x" * 5000, "json": b"{}"}
+    (tmp_path / ("train-000000.tar" + PARTIAL_SUFFIX)).symlink_to("/dev/full")  # every write fails: ENOSPC
+    shard = ShardFile("train-000000.tar", tmp_path / "train-000000.tar")
     with pytest.raises(OSError, match="space"):
-        for i in range(3000):  # several hand-overs to the writing thread
-            w.add(Encoded(f"k{i}", f"k{i}", {}, {}, exts=tuple(members), block=sample_block(f"k{i}", members)))
-        w.close()
+        for i in range(300):
+            shard.start_sample()
+            shard.add(sample_block(f"k{i}", {"txt": b"x" * 5000, "json": b"{}"}))
+        shard.finish()
+    shard.abandon()
     assert not (tmp_path / "train-000000.tar").exists()
 
 
-def test_split_writer_matches_the_shared_shard_writer(tmp_path):
-    from mmdata.build.media import Encoded
-    from mmdata.build.shards import SplitWriter
-    from mmdata.format import ShardWriter, sample_block
+def test_shard_file_writes_the_same_bytes_from_spans_and_from_bytes(tmp_path):
+    """The one shard writer: spans of a spill file copied by the kernel, or bytes (Ray, tests), give one shard."""
+    import hashlib
+    import os
+    import tarfile
 
-    samples = [(f"k{i}", {"png": bytes([i]) * (100 * i + 1), "txt": f"t{i}".encode(), "json": b"{}"})
-               for i in range(30)]
-    buf = io.BytesIO()
-    ref = ShardWriter(buf)
-    offsets = [ref.add(k, m) for k, m in samples]
-    nbytes, sha = ref.close()
-    w = SplitWriter(tmp_path, "train", max_samples=100, max_bytes=1 << 30)
-    for k, m in samples:
-        assert w.add(Encoded(k, k, {}, {}, exts=tuple(m), block=sample_block(k, m))) is None
-    done = w.close()
-    assert (tmp_path / "train-000000.tar").read_bytes() == buf.getvalue()
-    assert (done.info.bytes, done.info.sha256) == (nbytes, sha)
-    assert [(r["offset"], r["size"]) for r in done.rows] == offsets
+    from mmdata.build.assemble import ShardFile, Span
+    from mmdata.format import sample_block
+
+    blocks = [sample_block(f"k{i}", {"png": bytes([i]) * (100 * i + 1), "txt": f"t{i}".encode(), "json": b"{}"})
+              for i in range(30)]
+    spill = tmp_path / "spill.bin"
+    spill.write_bytes(b"".join(blocks))
+    fd = os.open(spill, os.O_RDONLY)
+    on_disk = ShardFile("train-000000.tar", tmp_path / "train-000000.tar")
+    in_memory = ShardFile("train-000000.tar")
+    pos = 0
+    for block in blocks:
+        on_disk.start_sample()
+        on_disk.add(Span(fd, pos, len(block)))
+        in_memory.start_sample()
+        in_memory.add(block)
+        pos += len(block)
+    a, b = on_disk.finish(), in_memory.finish()
+    os.close(fd)
+    data = (tmp_path / "train-000000.tar").read_bytes()
+    assert data == in_memory.data and a == b
+    assert (a.bytes, a.sha256, a.samples) == (len(data), hashlib.sha256(data).hexdigest(), 30)
+    assert on_disk.offsets == in_memory.offsets and on_disk.offsets[1] == len(blocks[0])
+    with tarfile.open(tmp_path / "train-000000.tar") as tar:  # any tar reader reads it
+        assert len(tar.getnames()) == 90 and tar.extractfile("k3.png").read() == bytes([3]) * 301
+
+
+def test_shards_are_cut_by_samples_and_by_bytes():
+    from mmdata.build.assemble import cut
+    from mmdata.format import archive_bytes
+
+    sizes = np.array([5120] * 10)
+    assert cut(sizes, max_samples=4, max_bytes=1 << 30) == [0, 4, 8]
+    limit = archive_bytes(3 * 5120)  # three samples fit with the end blocks, a fourth does not
+    assert cut(sizes, max_samples=100, max_bytes=limit) == [0, 3, 6, 9]
+    assert cut(np.array([1 << 20, 10]), max_samples=100, max_bytes=1024) == [0, 1]  # an oversized sample: alone
+    assert cut(np.array([], dtype=np.int64), 5, 1 << 20) == []
 
 
 def _pid(job: int) -> int:
@@ -268,10 +293,10 @@ def test_local_executor_ships_only_work_that_pays_for_it(seconds, shipped):
     from mmdata.build.executors import PROBE_WINDOW, LocalExecutor
 
     ticks = itertools.count()  # a clock on which every job takes exactly `seconds`: no timing in the test
-    ex = LocalExecutor(workers=2, jobs=200, clock=lambda: next(ticks) * seconds)
-    ex.start(decoding=True)
+    ex = LocalExecutor(workers=2, clock=lambda: next(ticks) * seconds)
     try:
         pids = list(ex.map(_pid, range(PROBE_WINDOW + 100)))
+        assert (ex.pool is not None) == shipped  # no process is forked for work that stays here
     finally:
         ex.close()
     assert len(pids) == PROBE_WINDOW + 100
@@ -314,29 +339,3 @@ def test_realdir_agrees_with_realpath_through_links(tmp_path):
     for rel in ["a", "a/b", "a/b/..", "a/./b", "link", "link/c", "a/hop/c", "a/hop/../a", "missing/x", "a//b"]:
         path = f"{tmp_path}/root/{rel}"
         assert _realdir(path) == os.path.realpath(path), rel
-
-
-def test_the_pool_is_forked_only_for_builds_that_decode():
-    from mmdata.build.align import Record
-    from mmdata.build.discover import MediaRef
-    from mmdata.build.executors import LocalExecutor
-    from mmdata.build.media import MediaSettings
-    from mmdata.build.runner import _decodes
-
-    def rec(image="png", audio="wav", rate=8000):
-        return Record("x", {"image": MediaRef(image, "a"), "audio": MediaRef(audio, "b")}, {}, audio_rate=rate)
-
-    kept = MediaSettings(sample_rate=8000, audio_format="wav")
-    assert not _decodes([rec(), rec()], kept)  # PNG and WAV stored as they are
-    assert _decodes([rec(), rec(rate=16000)], kept)  # one resample
-    assert _decodes([rec(audio="flac")], kept)  # FLAC -> WAV
-    assert _decodes([rec(image="jpg")], kept)  # a JPEG is decoded to be checked
-    assert _decodes([rec()], MediaSettings(sample_rate=8000, audio_format="wav", max_side=16))
-    ex = LocalExecutor(workers=2, jobs=100)
-    ex.start(decoding=False)
-    assert ex.pool is None and list(ex.map(abs, [-1, 2])) == [1, 2]
-    ex.start(decoding=True)
-    try:
-        assert ex.pool is not None
-    finally:
-        ex.close()

@@ -227,26 +227,89 @@ def test_fast_png_check_never_inflates_what_it_would_refuse():
 
 def test_colliding_long_ids_get_keys_that_fit(tmp_path):
     """An id equal to another id's derived key forces the collision suffix; the key still fits a tar name."""
-    from mmdata.build.align import Record, assign_keys
+    from mmdata.build.align import Ids
+    from mmdata.build.records import RawRecord
     from mmdata.format import MAX_KEY, make_key
 
     spaced = "y" * 80 + " z"
-    records = [Record(spaced, {}, {}), Record(make_key(spaced), {}, {}), Record("w" * MAX_KEY, {}, {})]
-    assign_keys(records)
-    keys = [r.key for r in records]
+    ids = Ids()
+    keys = [ids.check(RawRecord(i)) for i in (spaced, make_key(spaced), "w" * MAX_KEY)]
     assert len(set(keys)) == 3 and all(KEY_RE.match(k) and len(k) <= MAX_KEY for k in keys)
+    assert keys[0] == make_key(spaced) and keys[2] == "w" * MAX_KEY  # first come keeps the plain key
 
 
 @pytest.mark.parametrize("fmt", ["wav", "flac"])
 @pytest.mark.parametrize("rate", [8000, 22050, 48000])
-def test_native_rate_read_from_the_header(fmt, rate):
-    """The rate probe reads WAV and FLAC headers itself and agrees with libsndfile."""
+def test_audio_keeps_its_native_rate_until_the_build_settles_on_one(fmt, rate):
+    """With no sample_rate set, packing keeps each file's own rate and says which it was."""
     import io
 
     import soundfile as sf
 
-    from mmdata.build.align import _probe_rate
-    from mmdata.build.discover import MediaRef
+    from mmdata.build.media import MediaSettings, encode_audio
 
     data = audio_bytes(1, fmt, rate)
-    assert _probe_rate(MediaRef(fmt, data=data)) == sf.info(io.BytesIO(data)).samplerate == rate
+    ext, stored, seconds, got = encode_audio(data, fmt, MediaSettings(sample_rate=None, audio_format=fmt))
+    assert got == sf.info(io.BytesIO(stored)).samplerate == rate and ext == fmt
+    assert stored == data  # already in the stored form: the bytes are kept
+
+
+def test_a_huge_label_value_is_a_reject_and_never_reaches_the_card(tmp_path):
+    """The card holds label counts and shard lists only: a 5 MB label string is one bad_label reject."""
+    rows = [{"id": f"r{i}", "text": f"text {i}", "colour": ["red", "green"][i % 2]} for i in range(20)]
+    rows[7]["colour"] = "x" * (5 * 2**20)
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    card = build_dataset(tmp_path / "m.jsonl", tmp_path / "out", BuildConfig(workers=1, max_reject_fraction=0.5),
+                         progress=False)
+    assert card.counts == {"input": 20, "written": 19, "rejected": {"bad_label": 1}}
+    assert card.tasks["colour"].classes == ("green", "red")
+    assert (tmp_path / "out" / "dataset.json").stat().st_size < 64 * 2**10
+    assert (tmp_path / "out" / "rejects.jsonl").stat().st_size < 2**10  # the message quotes 40 characters
+    (reject,) = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert reject["source_id"] == "r7" and "too long to be a class name" in reject["message"]
+
+
+def test_a_column_of_too_many_distinct_values_is_meta_not_a_task(tmp_path, monkeypatch, caplog):
+    import mmdata.tasks
+
+    monkeypatch.setattr(mmdata.tasks, "MAX_CLASSES", 8)
+    rows = [{"id": f"r{i}", "text": f"text {i}", "caption": f"a picture of {i}", "digit": i % 3} for i in range(20)]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    card = build_dataset(tmp_path / "m.jsonl", tmp_path / "out", BuildConfig(workers=1), progress=False)
+    assert card.tasks.names == ["digit"] and card.counts["written"] == 20
+    assert "'caption' has more than 8 distinct values" in caplog.text
+    index = pq.read_table(tmp_path / "out" / "index.parquet").to_pylist()
+    assert sorted(r["meta.caption"] for r in index) == sorted(r["caption"] for r in rows)
+
+
+def test_audio_of_several_rates_is_resampled_to_16k_and_of_one_rate_kept(tmp_path):
+    """sample_rate unset: one rate among the inputs is kept; several become 16 kHz, every clip re-encoded."""
+    import io
+
+    import soundfile as sf
+
+    from mmdata.format import parse_members
+
+    def build(rates, name):
+        root = tmp_path / name
+        root.mkdir()
+        for i, rate in enumerate(rates):
+            (root / f"a{i}").mkdir()
+            (root / f"a{i}" / "clip.wav").write_bytes(audio_bytes(i, "wav", rate))
+        return build_dataset(root, tmp_path / f"{name}-out", BuildConfig(workers=1, audio_format="wav"),
+                             progress=False)
+
+    card = build([22050, 22050, 22050], "one")
+    assert card.modalities["audio"]["sample_rate"] == 22050
+    card = build([8000, 22050, 16000, 8000], "mixed")
+    assert card.modalities["audio"]["sample_rate"] == 16000 and card.counts["written"] == 4
+    rates, seconds = [], {}
+    for shard in (tmp_path / "mixed-out").glob("*.tar"):
+        for name, data in parse_members(shard.read_bytes()):
+            if name.endswith(".wav"):
+                info = sf.info(io.BytesIO(data))
+                rates.append(info.samplerate)
+                seconds[name.split(".")[0]] = info.frames / info.samplerate
+    assert rates == [16000] * 4
+    index = {r["key"]: r["audio_seconds"] for r in pq.read_table(tmp_path / "mixed-out" / "index.parquet").to_pylist()}
+    assert index == pytest.approx(seconds)

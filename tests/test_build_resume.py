@@ -16,10 +16,10 @@ from mmdata.dataset import open_dataset
 from mmdata.errors import ConfigError, DatasetNotFoundError
 from mmdata.format import CARD_NAME
 
-# kill the build process from inside after the n-th sample (mid-shard) or right after the n-th shard rename
+# kill the build process from inside after the n-th sample written (mid-shard) or right after the n-th shard rename
 KILLER = textwrap.dedent("""
     import os, signal, sys
-    from mmdata.build import shards
+    from mmdata.build import assemble, runner
     from mmdata.cli import main
     where, n = sys.argv[1], int(sys.argv[2])
     count = [0]
@@ -28,20 +28,14 @@ KILLER = textwrap.dedent("""
         if count[0] == n:
             os.kill(os.getpid(), signal.SIGKILL)
     if where == "sample":
-        add = shards.SplitWriter.add
-        def patched(self, enc):
-            out = add(self, enc)
+        runner.shard_hook = lambda shard: bump()
+    else:
+        finish = assemble.ShardFile.finish
+        def patched(self):
+            out = finish(self)
             bump()
             return out
-        shards.SplitWriter.add = patched
-    else:
-        close = shards.SplitWriter.close
-        def patched(self):
-            out = close(self)
-            if out is not None:
-                bump()
-            return out
-        shards.SplitWriter.close = patched
+        assemble.ShardFile.finish = patched
     sys.exit(main(sys.argv[3:]))
 """)
 

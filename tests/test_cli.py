@@ -230,13 +230,13 @@ def test_no_file_names_a_path_of_a_developers_machine():
 def test_a_full_disk_is_one_line_and_exit_1(tmp_path, monkeypatch, capsys):
     import errno
 
-    import mmdata.build.runner
+    import mmdata.build.finish
 
     def full(path, data):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     write_folders(tmp_path / "raw", n=3)
-    monkeypatch.setattr(mmdata.build.runner, "atomic_write", full)
+    monkeypatch.setattr(mmdata.build.finish, "atomic_write", full)
     assert main(["build", str(tmp_path / "raw"), str(tmp_path / "ds"), "--workers", "1", "-q"]) == 1
     err = capsys.readouterr().err
     assert err.splitlines() == [f"mmdata build: error: No space left on device: {tmp_path / 'ds' / 'rejects.jsonl'}"]
@@ -249,3 +249,14 @@ def test_a_reader_that_goes_away_is_no_error(built, monkeypatch, capsys):
     monkeypatch.setattr(mmdata.info, "run", piped)
     assert main(["info", str(built)]) == 141  # as a shell reports a SIGPIPE, and without a word
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("argv", [["mmdata", "--help"], ["mtml_models", "--help"], ["mtml_models", "train", "--help"],
+                                  ["mtml_models", "eval", "--help"]])
+def test_help_answers_without_importing_torch(argv):
+    module, *args = argv
+    code = (f"import contextlib, io, sys\nfrom {module}.cli import main\n"
+            f"with contextlib.redirect_stdout(io.StringIO()) as out:\n    rc = main({args!r})\n"
+            "print(rc, 'usage:' in out.getvalue(), sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.stdout.split("\n")[0] == "0 True []", done.stderr

@@ -181,18 +181,16 @@ def test_a_held_lock_stops_a_second_build_at_once_and_a_stale_one_is_taken_over(
 # the first build pauses after its first sample until the test says go: the two builds overlap for certain
 PAUSING = textwrap.dedent("""
     import os, sys, time
-    from mmdata.build import shards
+    from mmdata.build import runner
     from mmdata.cli import main
     ready, go = sys.argv[1], sys.argv[2]
-    add = shards.SplitWriter.add
-    def patched(self, enc):
+    def patched(shard):
         if not os.path.exists(ready):
             open(ready, "w").close()
             deadline = time.monotonic() + 50
             while not os.path.exists(go) and time.monotonic() < deadline:
                 time.sleep(0.01)
-        return add(self, enc)
-    shards.SplitWriter.add = patched
+    runner.shard_hook = patched
     sys.exit(main(sys.argv[3:]))
 """)
 

@@ -127,29 +127,6 @@ def _json(opts: dict) -> str:
     return json.dumps(opts)
 
 
-@pytest.mark.parametrize("max_samples,max_bytes", [(3, 1 << 30), (100, 30000), (4, 20480), (1, 1)])
-def test_shard_cutter_cuts_where_split_writer_cuts(tmp_path, max_samples, max_bytes):
-    import numpy as np
-
-    from mmdata.build.executors import ShardCutter, pack_shard
-    from mmdata.build.media import Encoded
-    from mmdata.build.shards import SplitWriter
-    from mmdata.format import sample_block
-
-    rng = np.random.default_rng(max_samples)
-    samples = []
-    for i in range(40):
-        members = {"txt": f"{i}".encode() * int(rng.integers(1, 6000)), "json": b"{}"}
-        samples.append(Encoded(f"k{i}", f"k{i}", {}, {}, exts=("json", "txt"), block=sample_block(f"k{i}", members)))
-    writer, cutter = SplitWriter(tmp_path, "train", max_samples, max_bytes), ShardCutter(max_samples, max_bytes)
-    written = [d for d in (writer.add(e) for e in samples) if d] + [writer.close()]
-    cut = [c for c in (cutter.add(i, len(e.block)) for i, e in enumerate(samples)) if c] + [cutter.close()]
-    assert [d.info.samples for d in written] == [len(c) for c in cut]
-    for n, (d, c) in enumerate(zip(written, cut)):
-        data, done = pack_shard("train", n, [samples[i] for i in c])
-        assert data == (tmp_path / d.info.file).read_bytes() and done.info == d.info and done.rows == d.rows
-
-
 def test_unsupported_executor_choices_are_named(raw_slice, tmp_path):
     from mmdata.build import build_dataset
 

@@ -2,7 +2,7 @@
 
     python tools/bench_build.py --runs 3       # --source defaults to ../shared/data/avmnist-dev beside the repo
 
-Four timings, each the median of --runs runs after one warm-up (page cache warm for all):
+Five timings, each the median of --runs runs after one warm-up (page cache warm for all):
   tar        `tar -cf OUT.tar -C SOURCE .`
   pack-only  mmdata build keeping image and WAV bytes (audio_format=wav at the native rate), no tokenizer
   flac-16k   mmdata build re-encoding audio to FLAC resampled to 16 kHz (plus the tokenizer)
@@ -10,6 +10,8 @@ Four timings, each the median of --runs runs after one warm-up (page cache warm 
              folder, read its files, parse labels.json, check the PNG and WAV, NFC the text, make the
              tar members (no label checks, splits, shuffle, writing, hashing or index). What any
              one-process design pays before the rest of its work.
+  ShardWriter loop  a plain loop over the folders writing webdataset.ShardWriter shards: what a user
+             writes instead of a build tool (it checks nothing).
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mmdata.build import BuildConfig, build_dataset  # noqa: E402
+from mmdata.build.catalog import SAMPLE_JSON  # noqa: E402
 from mmdata.build.discover import modality_of_ext  # noqa: E402
 from mmdata.build.guard import read_file  # noqa: E402
-from mmdata.build.media import SAMPLE_JSON, plain_png_size, wav_format  # noqa: E402
+from mmdata.build.media import plain_png_size, wav_format  # noqa: E402
 from mmdata.format import sample_block  # noqa: E402
 
 DEFAULT_SOURCE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "avmnist-dev"
@@ -76,6 +79,23 @@ def floor_pass(source: Path) -> int:
     return packed
 
 
+def shardwriter_loop(source: Path, out: Path) -> int:
+    """What a user writes instead of a build tool: a loop over the folders into webdataset.ShardWriter
+    shards of 1,000 samples (no checks, no splits, no shuffle, no index); returns the samples written."""
+    import webdataset as wds
+
+    out.mkdir(exist_ok=True)
+    written = 0
+    with wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=1000, verbose=0) as sink:
+        for d in sorted(p for p in source.iterdir() if p.is_dir()):
+            sample = {"__key__": d.name}
+            for f in d.iterdir():
+                sample["json" if f.name == "labels.json" else f.suffix[1:].lower()] = f.read_bytes()
+            sink.write(sample)
+            written += 1
+    return written
+
+
 def folder_bytes(source: Path) -> int:
     return sum(p.stat().st_size for p in source.rglob("*") if p.is_file())
 
@@ -108,14 +128,17 @@ def main(argv: list[str] | None = None) -> int:
         results = {"tar -cf": time_runs(tar, args.runs),
                    "pack-only": time_runs(build(pack, "pack"), args.runs),
                    "flac-16k": time_runs(build(flac, "flac"), args.runs),
-                   "1-proc floor": time_runs(lambda: floor_pass(source), args.runs)}
+                   "1-proc floor": time_runs(lambda: floor_pass(source), args.runs),
+                   "ShardWriter loop": time_runs(lambda: shardwriter_loop(source, tmp / "wds"), args.runs)}
         base = statistics.median(results["tar -cf"])
         print(f"source {source}: {samples} samples, {in_mb:.1f} MB, {args.workers} workers, "
               f"median of {args.runs} runs")
-        print(f"{'method':<12} {'seconds':>8} {'samples/s':>10} {'MB/s':>8} {'x tar':>6}")
+        floor, loop = statistics.median(results["1-proc floor"]), statistics.median(results["ShardWriter loop"])
+        print(f"{'method':<16} {'seconds':>8} {'samples/s':>10} {'MB/s':>8} {'x tar':>6} {'x floor':>8} {'x loop':>7}")
         for name, times in results.items():
             t = statistics.median(times)
-            print(f"{name:<12} {t:8.3f} {samples / t:10.0f} {in_mb / t:8.1f} {t / base:6.2f}")
+            print(f"{name:<16} {t:8.3f} {samples / t:10.0f} {in_mb / t:8.1f} {t / base:6.2f} {t / floor:8.2f} "
+                  f"{t / loop:7.2f}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

@@ -1,25 +1,21 @@
-"""Align: check each RawRecord's ids, paths and labels; return a Record or a Reject with a reason code."""
+"""Align: check each RawRecord's id, paths and labels as it comes; rejects carry a reason code."""
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
-import io
 import logging
 import math
-import os
 import unicodedata
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
 from ..format import HASHED_KEY, make_key
-from ..tasks import BadLabel, Task, infer_task
+from ..tasks import Task, ValueStats, natural_key
 from .config import BuildConfig
-from .guard import Refused, locate, read_file, read_member, realdir
+from .guard import locate
 from .records import MediaRef, RawRecord, modality_of_ext
 
 log = logging.getLogger(__name__)
@@ -43,64 +39,60 @@ class Reject:
                 "message": self.message}
 
 
-@dataclass
-class Record:
-    """A checked record: media located inside the root, labels in their stored form."""
+class LabelStats:
+    """The values seen per label column (and per declared task's column), one record at a time.
 
-    source_id: str
-    media: dict[str, MediaRef]  # modality -> ref whose path (if any) is absolute and inside the root
-    labels: dict[str, Any]  # task -> stored value or None (set once the tasks are known)
-    split: str | None = None  # from the layout
-    group: str | None = None  # value of the split_by column
-    paths: tuple[str, ...] = ()  # as given, for rejects
-    audio_rate: int | None = None  # native rate probed from the header
-    key: str = field(default="")
-    raw_labels: dict[str, Any] = field(default_factory=dict, repr=False)  # column -> value, as discovered
-    raw_fields: dict[str, Any] = field(default_factory=dict, repr=False)  # more values a task may name
-    meta: dict[str, Any] = field(default_factory=dict)  # scalar facts kept with the sample, not labels
-
-
-def resolve_tasks(label_rows: list[dict[str, Any]], config: BuildConfig,
-                  field_rows: list[dict[str, Any]] | None = None) -> tuple[Task, ...]:
-    """The declared tasks (classes inferred where a task gives none), or one task per label column.
-
-    ``label_rows`` are the raw labels of the records that passed every other check, so a rejected
-    record never adds a class; ``field_rows`` their other fields, which only a declared task reads. A
-    declared task whose column no record has is an error.
+    Only records that passed every other check are added, so a rejected record never adds a class.
+    ``tasks()`` then gives the declared tasks (classes inferred where a task gives none) or one task per
+    label column.
     """
-    values: dict[str, list[Any]] = {}
-    for labels in label_rows:
+
+    def __init__(self, config: BuildConfig):
+        self.config = config
+        self.columns: dict[str, ValueStats] = {}
+        self.declared = {t.name: ValueStats() for t in config.tasks}
+        self.seen: set[str] = set()  # label and field names, for the error about a missing column
+        self.records = 0
+
+    def add(self, labels: dict[str, Any], fields: dict[str, Any]) -> None:
+        self.records += 1
+        if self.config.tasks:
+            self.seen.update(labels, fields)
+            for t in self.config.tasks:
+                self.declared[t.name].add(lookup(labels, fields, t.source_column))
+            return
         for k, v in labels.items():
-            values.setdefault(k, []).append(v)
-    if config.tasks:
-        rows = list(zip(label_rows, field_rows or [{}] * len(label_rows)))
-        seen = sorted(set(values) | {k for _, f in rows for k in f})
-        return tuple(_declared(t, rows, seen) for t in config.tasks)
-    tasks = []
-    for name, vals in values.items():
-        present = [v for v in vals if _present(v)]
-        if not present:
-            log.warning("label column %r has no values; it is not a task", name)
-            continue
-        if any(isinstance(v, dict) for v in present):
-            log.warning("label column %r holds objects; declare it in the build config to use it", name)
-            continue
-        tasks.append(infer_task(name, present))
-    return tuple(tasks)
+            stats = self.columns.get(k)
+            if stats is None:
+                stats = self.columns[k] = ValueStats()
+            stats.add(v)
 
+    def tasks(self) -> tuple[Task, ...]:
+        if self.config.tasks:
+            return tuple(self._declared(t) for t in self.config.tasks)
+        tasks = []
+        for name, stats in self.columns.items():
+            if not stats.present:
+                log.warning("label column %r has no values; it is not a task", name)
+            elif stats.objects:
+                log.warning("label column %r holds objects; declare it in the build config to use it", name)
+            elif stats.too_many and not stats.regression:
+                log.warning("label column %r has more than %d distinct values: kept as meta, not a task; declare "
+                            "it in the build config to use it as one", name, len(stats.scalar_classes))
+            else:
+                tasks.append(stats.task(name))
+        return tuple(tasks)
 
-def _declared(task: Task, rows: list[tuple[dict[str, Any], dict[str, Any]]], seen: list[str]) -> Task:
-    column = task.source_column
-    found = [v for v in (lookup(labels, fields, column) for labels, fields in rows) if _present(v)]
-    if rows and not found:
-        raise ConfigError(f"task {task.name!r} reads column {column!r}, which no record has; the label "
-                          f"fields seen are {seen[:30]}: set the task's column to one of them")
-    if task.classes or task.type == "regression" or not found:
-        return task
-    inferred = infer_task(task.name, found)  # a type without a class list: the sorted values seen
-    if inferred.type == "regression":
-        inferred = infer_task(task.name, [str(v) for v in found])
-    return dataclasses.replace(task, classes=inferred.classes)
+    def _declared(self, task: Task) -> Task:
+        stats = self.declared[task.name]
+        if self.records and not stats.present:
+            raise ConfigError(f"task {task.name!r} reads column {task.source_column!r}, which no record has; the "
+                              f"label fields seen are {sorted(self.seen)[:30]}: set the task's column to one of them")
+        if task.classes or task.type == "regression" or not stats.present:
+            return task
+        if stats.regression:  # a type without a class list and fractional values: the values as names
+            return dataclasses.replace(task, classes=tuple(sorted(stats.scalar_classes, key=natural_key)))
+        return dataclasses.replace(task, classes=stats.task(task.name).classes)
 
 
 def lookup(labels: dict[str, Any], fields: dict[str, Any], column: str) -> Any:
@@ -111,10 +103,6 @@ def lookup(labels: dict[str, Any], fields: dict[str, Any], column: str) -> Any:
 
 def _scalar(v: Any) -> bool:
     return v is None or isinstance(v, (str, int, float, bool)) and not (isinstance(v, float) and math.isnan(v))
-
-
-def _present(v: Any) -> bool:
-    return v is not None and v != "" and not (isinstance(v, float) and math.isnan(v))
 
 
 def label_value(labels: dict[str, Any], column: str) -> Any:
@@ -129,51 +117,53 @@ def label_value(labels: dict[str, Any], column: str) -> Any:
     return node
 
 
-def align(raws: list[RawRecord], root: Path, config: BuildConfig,
-          map_fn: Callable = map) -> tuple[list[Record], list[Reject], tuple[Task, ...]]:
-    """Check every raw record; return accepted records (with unique keys), rejects and the tasks.
+class Ids:
+    """Checks each record's id as it is found and gives it a key: NFC ids, no empty or repeated one.
 
-    ``map_fn`` is an order-keeping map (a process pool's imap) that runs the per-record checks. Ids are
-    compared in Unicode NFC, so an id typed on macOS (NFD) and on Linux is one id.
+    Keys are given first come, first served (input order is deterministic): an id that is a valid key
+    is its own key; a key taken already gets the id's hash appended. Memory: the ids and keys seen.
     """
-    real_root = Path(os.path.realpath(root))
-    realdir.cache_clear()  # links may have changed since the last build in this process
-    seen: set[str] = set()
-    unique: list[RawRecord] = []
-    rejects: list[Reject] = []
-    for raw in raws:
-        raw.source_id = unicodedata.normalize("NFC", raw.source_id)
-        if not raw.source_id.strip():
-            rejects.append(Reject(raw.source_id, tuple(raw.paths), "bad_id", "the record's id is empty; give "
-                                  "every record an id (file stem, folder name or id column)"))
-            continue
-        if raw.source_id in seen:
-            rejects.append(Reject(raw.source_id, tuple(raw.paths), "duplicate_id",
-                                  f"id {raw.source_id!r} appears more than once; the first one is kept"))
-            continue
-        seen.add(raw.source_id)
-        unique.append(raw)
-    checked: list[Record] = []
-    for out in map_fn(functools.partial(check_record, real_root=real_root, config=config), unique):
-        (rejects if isinstance(out, Reject) else checked).append(out)
-    tasks = resolve_tasks([r.raw_labels for r in checked], config, [r.raw_fields for r in checked])
-    used = {t.source_column for t in tasks} | {config.split_by}
-    records = []
-    for rec in checked:
-        try:
-            rec.labels = {t.name: t.encode(lookup(rec.raw_labels, rec.raw_fields, t.source_column)) for t in tasks}
-        except BadLabel as e:
-            rejects.append(Reject(rec.source_id, rec.paths, "bad_label", str(e)))
-            continue
-        # what is no task stays with the sample as meta: others' json fields, a manifest's extra columns
-        rec.meta = {**{k: v for k, v in rec.raw_labels.items() if k not in used and _scalar(v)}, **rec.meta}
-        records.append(rec)
-    assign_keys(records)
-    return records, rejects, tasks
+
+    def __init__(self) -> None:
+        self.ids: set[str] = set()
+        self.changed: set[str] = set()  # keys that are not their record's id
+
+    def check(self, raw: RawRecord) -> Reject | str:
+        """The record's key, or why it is rejected (``raw.source_id`` is normalised to NFC)."""
+        raw.source_id = sid = unicodedata.normalize("NFC", raw.source_id)
+        if not sid.strip():
+            return Reject(sid, tuple(raw.paths), "bad_id", "the record's id is empty; give every record an id "
+                          "(file stem, folder name or id column)")
+        if sid in self.ids:
+            return Reject(sid, tuple(raw.paths), "duplicate_id", f"id {sid!r} appears more than once; the first "
+                          "one is kept")
+        self.ids.add(sid)
+        key = make_key(sid)
+        if key == sid and key not in self.changed:
+            return key  # the common case: an id that is a valid key is its own key (ids are unique)
+        # taken: an id kept as its key (ids holds those; an id that is not a valid key can equal no key) or a
+        # changed key
+        if key != sid and key in self.ids or key in self.changed:  # cut so that the suffixes below still fit
+            key = base = f"{key[:HASHED_KEY]}_{hashlib.sha1(sid.encode()).hexdigest()[:8]}"
+            n = 1
+            while key in self.ids or key in self.changed:
+                key, n = f"{base}_{n}", n + 1
+        self.changed.add(key)
+        return key
 
 
-def check_record(raw: RawRecord, *, real_root: Path, config: BuildConfig) -> Record | Reject:
-    """Check one record's modalities, paths and sizes (no decoding beyond the audio header)."""
+def encode_labels(tasks: tuple[Task, ...], labels: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+    """A record's stored labels per task; raises BadLabel."""
+    return {t.name: t.encode(lookup(labels, fields, t.source_column)) for t in tasks}
+
+
+def sample_meta(labels: dict[str, Any], meta: dict[str, Any], used: set[str]) -> dict[str, Any]:
+    """What is no task stays with the sample as meta: others' json fields, a manifest's extra columns."""
+    return {**{k: v for k, v in labels.items() if k not in used and _scalar(v)}, **meta}
+
+
+def check_record(raw: RawRecord, *, real_root: Path, config: BuildConfig) -> dict[str, MediaRef] | Reject:
+    """Check one record's modalities, paths and sizes (nothing read); return its located media."""
     paths = tuple(raw.paths)
 
     def reject(reason: str, message: str) -> Reject:
@@ -207,56 +197,14 @@ def check_record(raw: RawRecord, *, real_root: Path, config: BuildConfig) -> Rec
         if size > config.max_file_bytes:
             return reject("too_large", f"{modality} {ref.path!r} has {size} bytes > max_file_bytes "
                           f"{config.max_file_bytes}; raise max_file_bytes to keep it")
-    group = None
-    if config.split_by:
-        g = lookup(raw.labels, raw.fields, config.split_by)
-        group = None if g is None or g == "" else str(g)
-    rate = _probe_rate(media["audio"]) if "audio" in media else None
-    return Record(raw.source_id, media, {}, raw.split, group, paths, rate, raw_labels=raw.labels,
-                  raw_fields=raw.fields, meta=dict(raw.meta))
+    return media
 
 
-def _probe_rate(ref: MediaRef) -> int | None:
-    """Native sample rate from the audio header, or None when soundfile cannot read it."""
-    import soundfile as sf
-
-    if ref.ext in ("wav", "flac"):  # the rate sits in the first bytes: no need for libsndfile
-        head = _bytes(ref, 64)
-        if head[:4] == b"RIFF" and head[8:12] == b"WAVE" and head[12:16] == b"fmt ":
-            return int.from_bytes(head[24:28], "little")
-        if head[:4] == b"fLaC" and head[4] & 0x7F == 0 and len(head) >= 21:  # STREAMINFO first, 20-bit rate
-            rate = (head[18] << 12) | (head[19] << 4) | (head[20] >> 4)
-            if rate:
-                return rate
-    try:
-        return int(sf.info(ref.path if ref.data is None and ref.container is None
-                           else io.BytesIO(_bytes(ref))).samplerate)
-    except Exception:  # noqa: BLE001 - any failure is the encoder's to report as a reject
+def group_of(raw: RawRecord, config: BuildConfig) -> str | None:
+    """The record's value of the ``split_by`` column, as a string (None when absent)."""
+    if not config.split_by:
         return None
+    g = lookup(raw.labels, raw.fields, config.split_by)
+    return None if g is None or g == "" else str(g)
 
 
-def _bytes(ref: MediaRef, limit: int | None = None) -> bytes:
-    """A media file's first ``limit`` bytes (all with None); b"" when unreadable (the encoder says why)."""
-    try:
-        if ref.data is not None:
-            return ref.data[:limit]
-        if ref.container is not None:
-            return read_member(ref.container, ref.offset or 0, min(ref.size or 0, limit or ref.size or 0))
-        return read_file(ref.path or "", limit=limit)
-    except (OSError, Refused):
-        return b""
-
-
-def assign_keys(records: list[Record]) -> None:
-    """Give each record a unique key derived from its id; a collision gets the id's hash appended."""
-    used: set[str] = set()
-    for rec in sorted(records, key=lambda r: r.source_id):
-        key = make_key(rec.source_id)
-        if key in used:  # cut so that the suffixes below still fit MAX_KEY
-            key = f"{key[:HASHED_KEY]}_{hashlib.sha1(rec.source_id.encode()).hexdigest()[:8]}"
-        n = 1
-        base = key
-        while key in used:
-            key, n = f"{base}_{n}", n + 1
-        used.add(key)
-        rec.key = key

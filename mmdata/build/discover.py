@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from ..errors import DatasetNotFoundError, SchemaError
 from .config import BuildConfig
-from .guard import Refused, parse_json, read_file, read_inside, read_regular
+from .guard import Refused, open_regular, parse_json, read_file, read_inside
 from .hfparquet import from_parquet, is_hf_parquet, parquet_files
 from .records import AUDIO_EXTS, IMAGE_EXTS, SPLIT_NAMES, TEXT_EXTS, MediaRef, RawRecord, modality_of_ext  # noqa: F401 - the names discovery has always exported
 from .spool import Spool
@@ -22,6 +24,7 @@ LAYOUTS = ("auto", "folders", "stems", "manifest", "webdataset", "hfparquet")
 TABLE_EXTS = (".csv", ".jsonl", ".parquet")
 LABEL_TABLE_NAMES = ("labels.csv", "labels.jsonl", "labels.parquet")
 MAX_LABELS_BYTES = 16 * 2**20  # one sample's labels.json
+PARQUET_BATCH = 8192  # manifest rows read at a time
 
 
 def detect_layout(source: Path) -> str:
@@ -65,8 +68,9 @@ def _is_sample_dir(d: Path) -> bool:
 
 
 def discover(source: str | Path, layout: str, config: BuildConfig, exclude: Path | None = None,
-             spool: Spool | None = None) -> tuple[Path, str, list[RawRecord]]:
-    """Return (root, resolved layout, records) for ``source``; records come in a deterministic order.
+             spool: Spool | None = None) -> tuple[Path, str, Iterable[RawRecord]]:
+    """Return (root, resolved layout, records) for ``source``; records come in a deterministic order, from
+    folders and manifests as they are read (a generator), from tars and Parquet files once spooled.
 
     ``exclude`` is the build's output folder: when it lies inside the source, it is not input. ``spool``
     keeps member bytes that cannot stay where they are (in compressed shards).
@@ -118,44 +122,53 @@ def _excluded(src: Path, exclude: Path | None) -> str | None:
 # ---- tables ------------------------------------------------------------------------------------------------
 
 
-def read_table(path: Path, max_bytes: int, real_root: Path | None = None) -> list[dict[str, Any]]:
-    """Rows of a CSV (values typed: int, float or str; empty -> None), JSONL or Parquet file.
+def read_table(path: Path, max_bytes: int, real_root: Path | None = None) -> Iterator[dict[str, Any]]:
+    """Rows of a CSV (values typed: int, float or str; empty -> None), JSONL or Parquet file, as they are read.
 
-    With ``real_root`` the table must lie inside it (a label table); without, it is the file the user
-    named (a manifest). Either way it is read through the guard: a regular file within ``max_bytes``.
+    With ``real_root`` the table must lie inside it (a label table, read whole); without, it is the file the
+    user named (a manifest), read in a stream, so a build never holds a manifest's text. Either way it is read
+    through the guard: a regular file within ``max_bytes``.
     """
     suffix = path.suffix.lower()
     if suffix not in TABLE_EXTS:
         raise SchemaError(f"table {str(path)!r} must be .csv, .jsonl or .parquet")
     try:
-        data = (read_inside(path, real_root, max_bytes, "label table") if real_root is not None
-                else read_regular(path, max_bytes, "manifest"))
+        f = (io.BytesIO(read_inside(path, real_root, max_bytes, "label table")) if real_root is not None
+             else open_regular(path, max_bytes, "manifest"))
     except Refused as e:
         raise SchemaError(f"{e.message}; give a regular file inside the source, within max_file_bytes") from None
+    with f:
+        try:
+            yield from _rows(f, suffix, path)
+        except Refused as e:
+            raise SchemaError(f"{e.message}; raise max_file_bytes or fix the file") from None
+
+
+def _rows(f: BinaryIO, suffix: str, path: Path) -> Iterator[dict[str, Any]]:
     if suffix == ".csv":
         import csv
-        import io
 
         try:
-            text = data.decode("utf-8-sig")
-            return [{k: _typed(v) for k, v in row.items() if k is not None}
-                    for row in csv.DictReader(io.StringIO(text, newline=""))]
+            text = io.TextIOWrapper(f, encoding="utf-8-sig", newline="")
+            for row in csv.DictReader(text):
+                yield {k: _typed(v) for k, v in row.items() if k is not None}
         except (UnicodeDecodeError, csv.Error) as e:
             raise SchemaError(f"{path}: not a readable UTF-8 CSV ({e}); fix the file") from None
+        return
     if suffix == ".jsonl":
-        rows = []
-        for n, line in enumerate(data.splitlines(), 1):
+        for n, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    rows.append(parse_json(line, f"line {n}"))
+                    yield parse_json(line, f"line {n}")
                 except ValueError as e:
                     raise SchemaError(f"{path}: {e}; fix or remove that line") from None
-        return rows
+        return
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        return pq.read_table(pa.BufferReader(data)).to_pylist()
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=PARQUET_BATCH):
+            yield from batch.to_pylist()
     except (pa.ArrowException, OSError) as e:
         raise SchemaError(f"{path}: not a readable Parquet file ({e})") from None
 
@@ -191,10 +204,8 @@ def _label_columns(row: dict[str, Any], config: BuildConfig, extra: tuple[str, .
     return {k: v for k, v in row.items() if k not in skip}
 
 
-def _from_manifest(path: Path, config: BuildConfig) -> list[RawRecord]:
-    rows = read_table(path, config.max_file_bytes)
-    records = []
-    for n, row in enumerate(rows, 1):
+def _from_manifest(path: Path, config: BuildConfig) -> Iterator[RawRecord]:
+    for n, row in enumerate(read_table(path, config.max_file_bytes), 1):
         rec = RawRecord(_row_id(row, config, f"{path.name} row {n}"))
         for modality, col in (("image", config.image_column), ("audio", config.audio_column),
                               ("text", config.text_column)):
@@ -213,26 +224,24 @@ def _from_manifest(path: Path, config: BuildConfig) -> list[RawRecord]:
         split = row.get(config.split_column)
         rec.split = None if split is None else SPLIT_NAMES.get(str(split).lower(), str(split))
         rec.labels = _label_columns(row, config)
-        records.append(rec)
-    return records
+        yield rec
 
 
 # ---- folders and stems -------------------------------------------------------------------------------------
 
 
-def _from_folders(root: Path, skip: str | None = None) -> list[RawRecord]:
+def _from_folders(root: Path, skip: str | None = None) -> Iterator[RawRecord]:
     real_root = Path(os.path.realpath(root))
-    records = []
     for child in _subdirs(str(root)):
         if child.name == skip:
             continue
         split_name = SPLIT_NAMES.get(child.name.lower())
         if split_name and not _is_sample_dir(Path(child.path)):
-            records += [_folder_record(d, f"{child.name}/{d.name}", split_name, real_root, child.is_symlink())
-                        for d in _subdirs(child.path) if f"{child.name}/{d.name}" != skip]
+            for d in _subdirs(child.path):
+                if f"{child.name}/{d.name}" != skip:
+                    yield _folder_record(d, f"{child.name}/{d.name}", split_name, real_root, child.is_symlink())
         else:
-            records.append(_folder_record(child, child.name, None, real_root))
-    return records
+            yield _folder_record(child, child.name, None, real_root)
 
 
 def _subdirs(path: str) -> list[os.DirEntry]:

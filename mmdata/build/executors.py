@@ -1,75 +1,74 @@
-"""Executors: where a build's per-record work runs; a fork pool here, or Ray tasks on a cluster.
+"""Executors: where a build's two passes run. One interface, two engines, byte-identical datasets.
 
-Both follow one deterministic plan, so they write byte-identical datasets:
+``pack(jobs, ctx)`` runs ``pack.pack_record`` over (record, key) jobs and yields, in order, a ``Packed``
+or a ``Reject`` per job. ``write(shards, ...)`` writes the planned shards and yields their
+``ShardInfo`` in plan order.
 
-- each split's records are encoded in the split's shuffled order;
-- shards are cut greedily by ``max_samples`` / ``max_bytes`` exactly as ``shards.SplitWriter`` cuts them.
+``LocalExecutor``: packing runs in this process, timed window by window, until the jobs are worth
+shipping to a fork pool (decoding, re-encoding); each worker appends to its own spill file and sends
+back only where its bytes lie. Shards are written by threads that copy spans of the spill files
+inside the kernel.
 
-``LocalExecutor`` streams encoded samples through the main process, which appends them to the shard
-being written (the runner's loop, resumable shard by shard). ``RayExecutor`` runs two kinds of task:
-encode tasks (one per chunk of records) return each sample's size to the driver and keep the sample
-bytes in Ray's object store; the driver cuts the shards from those sizes alone (``ShardCutter``), and
-one write task per shard gathers its samples and writes the shard to the destination (local folder or
-fsspec URL). Sample bytes never pass through the driver; the driver only plans and writes the card.
+``RayExecutor``: packing runs as Ray tasks over chunks of records that keep the packed bytes in Ray's
+object store and return only the facts; each shard is then one Ray task that gathers its samples'
+bytes and writes the shard to the destination (local folder or fsspec URL). Sample bytes never pass
+through the driver, which holds the compact catalogue and the object references of the chunks.
 """
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import itertools
 import logging
 import multiprocessing
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from ..card import ShardInfo
 from ..errors import ConfigError
-from ..format import archive_bytes, shard_name
-from .align import Reject
-from .media import Encoded, encode_and_pack
-from .shards import ShardDone, index_row
+from .assemble import ShardFile, Span
+from .pack import PackContext, Packed, close_spills, encode_record, pack_record, spill_for
 
 log = logging.getLogger(__name__)
 
 EXECUTORS = ("local", "ray")
-RAY_CHUNK = 32  # records per Ray encode task
+RAY_CHUNK = 64  # records per Ray pack task
 PROBE_WINDOW = 64  # jobs timed in the main process before deciding where the next ones run
 SHIP_ABOVE = 300e-6  # seconds a job must take to be worth shipping to a worker process
+RAY_PREFIX = "ray:"  # a Packed.spill that names a Ray chunk; its offset is the record's place in the chunk
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """One shard to write: each sample's packed members (spill, offset, size) and its ``KEY.json`` member."""
+
+    name: str
+    members: list[tuple[str, int, int]]
+    json: list[bytes]
 
 
 class LocalExecutor:
-    """An order-keeping map, in this process or over a fork process pool.
-
-    Sending a record to a worker and its tar bytes back costs about as much as packing a file that is
-    kept as it is, and a forked pool makes every later write of this process copy a shared page
-    (0.05 s on a pack-only build of 2,500 records). So the pool is forked only when the runner
-    expects decoding work (``start``, before any other thread exists), and even then jobs run here,
-    timed, window by window, until a window averages more than ``SHIP_ABOVE`` seconds a job.
-    Results and their order are the same either way.
-    """
+    """A fork pool used only for work that pays for it, and threads that write shards."""
 
     name = "local"
-    writes_shards = False  # the runner's loop writes them as samples arrive
 
-    def __init__(self, workers: int, jobs: int, clock: Callable[[], float] = time.perf_counter):
-        self.workers = workers if jobs > 32 else 1
+    def __init__(self, workers: int, clock: Callable[[], float] = time.perf_counter):
+        self.workers = max(1, workers)
         self.pool = None
         self.shipping = False
         self.clock = clock  # times the probe window (tests pass a fake one)
 
-    def start(self, decoding: bool) -> None:
-        """Fork the pool if the jobs will decode or re-encode media and there are workers to share them."""
-        if decoding and self.workers > 1 and self.pool is None:
-            self.pool = multiprocessing.get_context("fork").Pool(self.workers)
+    def pack(self, jobs: Iterable, ctx: PackContext) -> Iterator[Any]:
+        return self.map(functools.partial(pack_record, ctx=ctx), jobs)
 
     def map(self, fn: Callable, jobs: Iterable) -> Iterator:
-        if self.pool is None:
-            return map(fn, jobs)
-        return self._map_adaptive(fn, iter(jobs))
-
-    def _map_adaptive(self, fn: Callable, jobs: Iterator) -> Iterator:
+        """An order-keeping map: here, window by window, until a window averages over ``SHIP_ABOVE`` a job."""
+        jobs = iter(jobs)
         while not self.shipping:
             window = list(itertools.islice(jobs, PROBE_WINDOW))
             if not window:
@@ -80,31 +79,76 @@ class LocalExecutor:
                 result = fn(job)
                 spent += self.clock() - t0  # the job only, not the consumer's time between yields
                 yield result
-            if spent / len(window) > SHIP_ABOVE:
-                log.debug("%.1f ms a job: encoding the rest in %d processes", 1e3 * spent / len(window),
-                          self.workers)
+            if self.workers > 1 and spent / len(window) > SHIP_ABOVE:
+                log.debug("%.1f ms a job: the rest in %d processes", 1e3 * spent / len(window), self.workers)
                 self.shipping = True
-        yield from self.pool.imap(fn, jobs, chunksize=64)
+        if self.pool is None:
+            self.pool = multiprocessing.get_context("fork").Pool(self.workers)
+        yield from self.pool.imap(fn, jobs, chunksize=16)
 
-    def check_map(self, fn: Callable, jobs: Iterable) -> Iterator:
-        """The record checks (a stat and a header each) run here: cheaper than shipping records to workers."""
-        return map(fn, jobs)
+    def write(self, shards: Iterable[ShardPlan], out: str, spills: list[str], storage=None,
+              hook: Callable[[ShardFile], None] | None = None) -> Iterator[ShardInfo]:
+        """Write ``shards`` into the local folder ``out``, as many at a time as there are workers."""
+        if self.pool is not None:  # the spill files are complete once the workers are gone
+            self.pool.close()
+            self.pool.join()
+            self.pool = None
+        close_spills()
+        fds = {path: os.open(path, os.O_RDONLY | os.O_CLOEXEC) for path in spills}
+        try:
+            write = functools.partial(_write_local, out=out, fds=fds, hook=hook)
+            if self.workers == 1:
+                yield from map(write, shards)
+                return
+            with ThreadPoolExecutor(self.workers, thread_name_prefix="mmdata-shard") as threads:
+                yield from in_order(lambda plan: threads.submit(write, plan).result, shards, 2 * self.workers)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+    def read(self, spill: str, offset: int, start: int, size: int) -> bytes:
+        """``size`` bytes from ``start`` of the record packed at ``offset`` of ``spill``."""
+        fd = os.open(spill, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return os.pread(fd, size, offset + start)
+        finally:
+            os.close(fd)
+
+    def store(self, block: bytes, folder: str) -> tuple[str, int]:
+        """Append a re-packed record to this process's spill file; return where it lies."""
+        spill = spill_for(folder)
+        return spill.path, spill.append(block)
 
     def close(self) -> None:
         if self.pool is not None:
             self.pool.terminate()
             self.pool.join()
+            self.pool = None
+        close_spills()
+
+
+def _write_local(plan: ShardPlan, out: str, fds: dict[str, int], hook) -> ShardInfo:
+    shard = ShardFile(plan.name, os.path.join(out, plan.name))
+    try:
+        for (path, offset, size), js in zip(plan.members, plan.json):
+            shard.start_sample()
+            shard.add(Span(fds[path], offset, size))
+            shard.add(js)
+            if hook is not None:
+                hook(shard)
+        return shard.finish()
+    finally:
+        shard.abandon()
 
 
 class RayExecutor:
-    """Ray tasks: order-keeping chunked map, and a split written as one task per shard.
+    """Ray tasks: chunks of records packed into the object store, then one task per shard.
 
     Connects to ``address`` (``"auto"``, ``"ray://host:10001"``, ...) or starts a local Ray; a Ray
     session that was already initialised is used as it is and left running.
     """
 
     name = "ray"
-    writes_shards = True
 
     def __init__(self, address: str | None = None, num_cpus: int | None = None, chunk: int = RAY_CHUNK):
         try:
@@ -119,131 +163,97 @@ class RayExecutor:
             if address is None:
                 kw["num_cpus"] = num_cpus
             ray.init(address=address, **kw)
-        self._encode = ray.remote(num_returns=2)(_encode_chunk)
-        self._write = ray.remote(_write_shard)
-        self._map = ray.remote(_map_chunk)
+        self._pack = ray.remote(num_returns=2)(_pack_chunk)
+        self._write = ray.remote(_write_remote)
+        self.blocks: list[Any] = []  # chunk -> object reference of its packed blocks
 
-    def map(self, fn: Callable, jobs: Iterable) -> Iterator:
-        jobs = list(jobs)
-        refs = [self._map.remote(fn, jobs[i:i + self.chunk]) for i in range(0, len(jobs), self.chunk)]
-        for ref in refs:
-            yield from self.ray.get(ref)
+    def pack(self, jobs: Iterable, ctx: PackContext) -> Iterator[Any]:
+        window = max(4, 2 * int(self.ray.cluster_resources().get("CPU", 2)))
+        inflight: deque = deque()
+        jobs = iter(jobs)
+        while True:
+            while len(inflight) < window and (chunk := list(itertools.islice(jobs, self.chunk))):
+                facts, blocks = self._pack.remote(chunk, ctx, len(self.blocks))
+                self.blocks.append(blocks)
+                inflight.append(facts)
+            if not inflight:
+                return
+            yield from self.ray.get(inflight.popleft())
 
-    def check_map(self, fn: Callable, jobs: Iterable) -> Iterator:
-        return self.map(fn, jobs)  # a cluster's input can be millions of records: check them in parallel
+    def write(self, shards: Iterable[ShardPlan], out: str, spills: list[str], storage=None,
+              hook=None) -> Iterator[ShardInfo]:
+        def submit(plan: ShardPlan) -> Callable[[], ShardInfo]:
+            chunks = sorted({int(path[len(RAY_PREFIX):]) for path, _, _ in plan.members})
+            ref = self._write.remote(storage, plan, chunks, *[self.blocks[c] for c in chunks])
+            return lambda: self.ray.get(ref)
 
-    def start(self, decoding: bool) -> None:
-        """Nothing to start: Ray's workers are there already."""
+        window = max(4, 2 * int(self.ray.cluster_resources().get("CPU", 2)))
+        yield from in_order(submit, shards, window)
 
-    def write_split(self, split: str, jobs: list[tuple], max_samples: int, max_bytes: int,
-                    storage) -> tuple[list[ShardDone], list[Reject]]:
-        """Encode ``jobs`` (record, settings) and write the split's shards to ``storage``; return them and rejects.
+    def read(self, spill: str, offset: int, start: int, size: int) -> bytes:
+        """``size`` bytes from ``start`` of a packed record (``offset``: its place in its chunk)."""
+        return self.ray.get(self.blocks[int(spill[len(RAY_PREFIX):])])[offset][start:start + size]
 
-        Encode tasks run a window ahead of the cut; a chunk's sample bytes are dropped from the object
-        store once the shards that need them are written, so it holds about a window, not the split.
-        """
-        ray = self.ray
-        chunks = [jobs[i:i + self.chunk] for i in range(0, len(jobs), self.chunk)]
-        window = max(4, 2 * int(ray.cluster_resources().get("CPU", 2)))
-        inflight: deque = deque()  # (chunk number, sizes ref, blocks ref), in chunk order
-        blocks: dict[int, Any] = {}  # chunk -> blocks ref, while a shard still to be written needs it
-        cutter, writes, rejects, submitted = ShardCutter(max_samples, max_bytes), [], [], 0
-
-        def write(picks: list[tuple[int, int]]) -> None:
-            needed = sorted({c for c, _ in picks})
-            writes.append(self._write.remote(storage, split, len(writes), picks, needed, *[blocks[c] for c in needed]))
-
-        while submitted < len(chunks) or inflight:
-            while submitted < len(chunks) and len(inflight) < window:
-                inflight.append((submitted, *self._encode.remote(chunks[submitted])))
-                submitted += 1
-            c, sizes, blocks[c] = inflight.popleft()
-            for i, size in enumerate(ray.get(sizes)):  # per record: its block size or its Reject
-                if isinstance(size, Reject):
-                    rejects.append(size)
-                    continue
-                closed = cutter.add((c, i), size)
-                if closed:
-                    write(closed)
-                    for old in [k for k in blocks if k < c]:  # the open shard starts in chunk c
-                        del blocks[old]
-        last = cutter.close()
-        if last:
-            write(last)
-        return list(ray.get(writes)), rejects
+    def store(self, block: bytes, folder: str) -> tuple[str, int]:
+        """Put a re-packed record in the object store as a chunk of its own."""
+        self.blocks.append(self.ray.put([block]))
+        return f"{RAY_PREFIX}{len(self.blocks) - 1}", 0
 
     def close(self) -> None:
+        self.blocks = []
         if self._owned:
             self.ray.shutdown()
 
 
-def make_executor(name: str, *, workers: int, jobs: int, ray_address: str | None = None):
+def in_order(submit: Callable[[Any], Callable[[], Any]], items: Iterable, window: int) -> Iterator:
+    """Submit ``items`` at most ``window`` ahead of the results, which come back in the items' order."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(submit(item))
+        if len(pending) >= window:
+            yield pending.popleft()()
+    while pending:
+        yield pending.popleft()()
+
+
+def make_executor(name: str, *, workers: int, ray_address: str | None = None):
     """The executor called ``name`` ("local" or "ray")."""
     if name == "local":
         if ray_address:
             raise ConfigError(f"--ray-address {ray_address!r} needs --executor ray")
-        return LocalExecutor(workers, jobs)
+        return LocalExecutor(workers)
     if name == "ray":
         return RayExecutor(ray_address, num_cpus=workers)
     raise ConfigError(f"executor must be one of {EXECUTORS}, got {name!r}")
 
 
-class ShardCutter:
-    """Cut a stream of sample sizes into shards exactly as SplitWriter.add does, without the bytes."""
-
-    def __init__(self, max_samples: int, max_bytes: int):
-        self.max_samples, self.max_bytes = max_samples, max_bytes
-        self.picks: list = []
-        self.pos = 0
-
-    def add(self, item, size: int) -> list | None:
-        """Add a sample of ``size`` block bytes; return the shard (its items) it closed first, if any."""
-        done = None
-        if self.picks and (len(self.picks) >= self.max_samples or archive_bytes(self.pos + size) > self.max_bytes):
-            done = self.close()
-        self.picks.append(item)
-        self.pos += size
-        return done
-
-    def close(self) -> list | None:
-        done, self.picks, self.pos = self.picks or None, [], 0
-        return done
-
-
-def pack_shard(split: str, index: int, samples: list[Encoded]) -> tuple[bytes, ShardDone]:
-    """A whole shard's bytes and its ShardDone; the same bytes as SplitWriter writes for these samples."""
-    name = shard_name(split, index)
-    rows, texts, pos = [], [], 0
-    for enc in samples:
-        rows.append(index_row(enc, split, name, pos, len(enc.block)))
-        pos += len(enc.block)
-        if enc.text is not None:
-            texts.append(enc.text)
-    data = b"".join([*(e.block for e in samples), b"\0" * (archive_bytes(pos) - pos)])
-    return data, ShardDone(ShardInfo(name, len(samples), len(data), hashlib.sha256(data).hexdigest()), rows, texts)
-
-
 # ---- Ray task bodies (plain functions: Ray ships them by reference to the mmdata module) ---------------------
 
 
-def _map_chunk(fn: Callable, jobs: list) -> list:
-    return [fn(job) for job in jobs]
+def _pack_chunk(jobs: list, ctx: PackContext, chunk: int) -> tuple[list, list[bytes | None]]:
+    facts, blocks = [], []
+    for i, job in enumerate(jobs):
+        done = encode_record(job, ctx)
+        if isinstance(done, tuple):
+            block, packed = done
+            done = packed._replace(spill=f"{RAY_PREFIX}{chunk}", offset=i)
+        else:
+            block = None
+        facts.append(done)
+        blocks.append(block)
+    return facts, blocks
 
 
-def _encode_chunk(jobs: list[tuple]) -> tuple[list[int | Reject], list[Encoded | None]]:
-
-    results = [encode_and_pack(job) for job in jobs]
-    sizes = [r if isinstance(r, Reject) else len(r.block) for r in results]
-    return sizes, [None if isinstance(r, Reject) else r for r in results]
-
-
-def _write_shard(storage, split: str, index: int, picks: list[tuple[int, int]], chunks: list[int],
-                 *blocks: list[Encoded | None]) -> ShardDone:
+def _write_remote(storage, plan: ShardPlan, chunks: list[int], *blocks: list[bytes | None]) -> ShardInfo:
     by_chunk = dict(zip(chunks, blocks))
-    samples = [by_chunk[c][i] for c, i in picks]
-    data, done = pack_shard(split, index, samples)
-    storage.write(done.info.file, data)
-    return done
+    shard = ShardFile(plan.name)
+    for (path, i, _), js in zip(plan.members, plan.json):
+        shard.start_sample()
+        shard.add(by_chunk[int(path[len(RAY_PREFIX):])][i])
+        shard.add(js)
+    info = shard.finish()
+    storage.write(plan.name, shard.data)
+    return info
 
 
-__all__ = ["EXECUTORS", "LocalExecutor", "RayExecutor", "ShardCutter", "make_executor", "pack_shard"]
+__all__ = ["EXECUTORS", "LocalExecutor", "Packed", "RayExecutor", "ShardPlan", "make_executor"]

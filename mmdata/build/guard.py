@@ -8,6 +8,7 @@ before the read and enforced during it (a file that grows is not read past the l
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 import stat
@@ -97,6 +98,54 @@ def read_regular(path: str | Path, max_bytes: int, what: str) -> bytes:
         return read_file(str(path), max_bytes=max_bytes)
     except Refused as e:
         raise Refused(e.reason, f"{what}: {e.message}") from None
+
+
+def open_regular(path: str | Path, max_bytes: int, what: str) -> io.BufferedReader:
+    """Open a file the user named (a manifest) to read it in a stream: a regular file within ``max_bytes``
+    (links followed); reading past ``max_bytes`` (a file that grows) raises Refused."""
+    fd = os.open(str(path), OPEN_FLAGS)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise Refused("unreadable", f"{what}: {str(path)!r} is not a regular file ({_kind(st.st_mode)})")
+        if st.st_size > max_bytes:
+            raise Refused("too_large", f"{what}: {str(path)!r} has {st.st_size} bytes, more than the limit of "
+                          f"{max_bytes}")
+        os.set_blocking(fd, True)
+        return io.BufferedReader(_Limited(fd, max_bytes, f"{what}: {str(path)!r}"), 1 << 20)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class _Limited(io.RawIOBase):
+    """A file descriptor read up to a limit: one byte more is an error, not a silent cut."""
+
+    def __init__(self, fd: int, limit: int, what: str):
+        self.fd, self.limit, self.what = fd, limit, what
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return os.lseek(self.fd, offset, whence)
+
+    def tell(self) -> int:
+        return os.lseek(self.fd, 0, os.SEEK_CUR)
+
+    def readinto(self, buf) -> int:
+        n = os.readv(self.fd, [buf])
+        if n and self.tell() > self.limit:
+            raise Refused("too_large", f"{self.what} grew past the limit while read")
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self.fd)
+        super().close()
 
 
 def locate(rel: str, real_root: Path) -> tuple[str, int, tuple[str, str] | None]:

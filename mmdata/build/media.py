@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import io
-import json
 import struct
 import unicodedata
 import zlib
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
-from ..format import sample_block
-from .align import Record, Reject
-from .discover import MediaRef
 from .guard import Refused, read_file, read_member
+from .records import MediaRef
 
 KEEP_IMAGE = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 PIL_SAVE = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
-SAMPLE_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)  # a sample's .json
 
 
 @dataclass(frozen=True)
@@ -30,7 +26,7 @@ class MediaSettings:
     image_quality: int = 90
     max_side: int | None = None
     max_pixels: int = 64_000_000
-    sample_rate: int = 16000
+    sample_rate: int | None = 16000  # None: each file's own rate (the build settles on one after its pass)
     channels: int = 1
     audio_format: str = "flac"
     max_audio_seconds: float = 600.0
@@ -38,20 +34,14 @@ class MediaSettings:
 
 @dataclass
 class Encoded:
-    """One sample ready for a shard: its members and the facts the index keeps."""
+    """One record's media in their stored form (tar members by extension) and the facts the index keeps."""
 
-    key: str
-    source_id: str
-    members: dict[str, bytes]  # ext -> bytes, "json" included; emptied once packed into block
-    labels: dict[str, Any]
-    exts: tuple[str, ...] = ()
-    block: bytes = b""  # the sample's tar members (mmdata.format.sample_block)
+    members: dict[str, bytes]  # ext -> bytes
     image_width: int | None = None
     image_height: int | None = None
     audio_seconds: float | None = None
+    audio_rate: int | None = None  # the stored rate
     text_chars: int | None = None
-    text: str | None = None
-    meta: dict[str, Any] | None = None
 
 
 class MediaReject(Exception):
@@ -60,47 +50,25 @@ class MediaReject(Exception):
         self.reason = reason
 
 
-def encode_record(job: tuple[Record, MediaSettings]) -> Encoded | Reject:
-    """Encode one record; any problem becomes a Reject (never an exception out of a worker)."""
-    rec, settings = job
-    out = Encoded(rec.key, rec.source_id, {}, rec.labels)
-    try:
-        for modality in ("image", "audio", "text"):
-            ref = rec.media.get(modality)
-            if ref is None:
-                continue
-            data = ref.data if ref.data is not None else _read(ref)
-            if not data:
-                raise MediaReject("empty_file", f"{modality} {ref.path!r} is empty (0 bytes)")
-            if modality == "image":
-                ext, blob, (out.image_width, out.image_height) = encode_image(data, settings)
-            elif modality == "audio":
-                ext, blob, out.audio_seconds = encode_audio(data, ref.ext, settings)
-            else:
-                ext, blob, out.text = encode_text(data)
-                out.text_chars = len(out.text)
-            out.members[ext] = blob
-    except MediaReject as e:
-        return Reject(rec.source_id, rec.paths, e.reason, f"{_where(rec)}: {e}")
-    sample = {"id": rec.source_id, "labels": rec.labels}
-    if rec.meta:  # facts that are no label (an url, a caption, a size): kept, never a task
-        sample["meta"] = out.meta = rec.meta
-    out.members["json"] = SAMPLE_JSON.encode(sample).encode("utf-8")
+def encode_media(media: dict[str, MediaRef], settings: MediaSettings) -> Encoded:
+    """Read and encode a checked record's media; raises MediaReject with the reject's reason."""
+    out = Encoded({})
+    for modality in ("image", "audio", "text"):
+        ref = media.get(modality)
+        if ref is None:
+            continue
+        data = ref.data if ref.data is not None else _read(ref)
+        if not data:
+            raise MediaReject("empty_file", f"{modality} {ref.path!r} is empty (0 bytes)")
+        if modality == "image":
+            ext, blob, (out.image_width, out.image_height) = encode_image(data, settings)
+        elif modality == "audio":
+            ext, blob, out.audio_seconds, out.audio_rate = encode_audio(data, ref.ext, settings)
+        else:
+            ext, blob, text = encode_text(data)
+            out.text_chars = len(text)
+        out.members[ext] = blob
     return out
-
-
-def encode_and_pack(job: tuple[Record, MediaSettings]) -> Encoded | Reject:
-    """encode_record, then the sample's tar bytes (so the main process only appends them)."""
-    res = encode_record(job)
-    if isinstance(res, Encoded):
-        res.exts = tuple(sorted(res.members))
-        res.block = sample_block(res.key, res.members)
-        res.members = {}
-    return res
-
-
-def _where(rec: Record) -> str:
-    return rec.paths[0] if len(rec.paths) == 1 else rec.source_id
 
 
 def _read(ref: MediaRef) -> bytes:
@@ -238,22 +206,22 @@ def _save(im, fmt: str, quality: int) -> bytes:
 # ---- audio ---------------------------------------------------------------------------------------------------
 
 
-def encode_audio(data: bytes, ext: str, s: MediaSettings) -> tuple[str, bytes, float]:
-    """Return (ext, bytes, seconds): decoded, mixed to the channels, resampled, stored as FLAC or WAV."""
+def encode_audio(data: bytes, ext: str, s: MediaSettings) -> tuple[str, bytes, float, int]:
+    """Return (ext, bytes, seconds, rate): decoded, mixed to the channels, resampled, stored as FLAC or WAV."""
     import soundfile as sf
 
     wav = wav_format(data) if ext == "wav" else None  # raises MediaReject for a truncated WAV
     if wav is not None:
         if not wav.complete:
             data = whole_wav(data, wav)  # sizes filled in: libsndfile reads every frame, a kept file is complete
-        if ext == s.audio_format and (wav.rate, wav.channels, wav.tag, wav.bits) == (s.sample_rate, s.channels,
-                                                                                     WAVE_FORMAT_PCM, 16):
+        if ext == s.audio_format and (wav.rate, wav.channels, wav.tag, wav.bits) == (s.sample_rate or wav.rate,
+                                                                                     s.channels, WAVE_FORMAT_PCM, 16):
             if wav.frames == 0:
                 raise MediaReject("empty_file", "audio has no samples")
             if wav.frames / wav.rate > s.max_audio_seconds:
                 raise MediaReject("too_large", f"audio lasts {wav.frames / wav.rate:.1f} s > max_audio_seconds "
                                   f"{s.max_audio_seconds}; raise max_audio_seconds to keep it")
-            return ext, data, wav.frames / wav.rate  # complete 16-bit PCM already in the stored form: keep it
+            return ext, data, wav.frames / wav.rate, wav.rate  # complete 16-bit PCM already in the stored form: keep it
     try:
         info = sf.info(io.BytesIO(data))
         rate, frames, channels = int(info.samplerate), int(info.frames), int(info.channels)
@@ -271,17 +239,18 @@ def encode_audio(data: bytes, ext: str, s: MediaSettings) -> tuple[str, bytes, f
     if seconds_in > s.max_audio_seconds:
         raise MediaReject("too_large", f"audio lasts {seconds_in:.1f} s > max_audio_seconds {s.max_audio_seconds}")
     channels = y.shape[1]
-    if ext == s.audio_format and rate == s.sample_rate and channels == s.channels:
-        return ext, data, y.shape[0] / rate  # already in the stored form: keep the bytes
+    target = s.sample_rate or rate
+    if ext == s.audio_format and rate == target and channels == s.channels:
+        return ext, data, y.shape[0] / rate, rate  # already in the stored form: keep the bytes
     y = _mix(y, s.channels)
-    if rate != s.sample_rate:
+    if rate != target:
         import librosa
 
-        y = librosa.resample(np.ascontiguousarray(y.T), orig_sr=rate, target_sr=s.sample_rate).T  # (N', C)
+        y = librosa.resample(np.ascontiguousarray(y.T), orig_sr=rate, target_sr=target).T  # (N', C)
     y = np.clip(y, -1.0, 32767 / 32768)
     buf = io.BytesIO()
-    sf.write(buf, y, s.sample_rate, format=s.audio_format.upper(), subtype="PCM_16")
-    return s.audio_format, buf.getvalue(), y.shape[0] / s.sample_rate
+    sf.write(buf, y, target, format=s.audio_format.upper(), subtype="PCM_16")
+    return s.audio_format, buf.getvalue(), y.shape[0] / target, target
 
 
 def _mix(y: np.ndarray, channels: int) -> np.ndarray:

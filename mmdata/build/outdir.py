@@ -19,9 +19,8 @@ from typing import Any
 
 from ..card import Card, ShardInfo
 from ..errors import ConfigError, MmdataError, OutputLockedError
-from ..format import CARD_NAME, INDEX_NAME, README_NAME, REJECTS_NAME, TOKENIZER_DIR
-from .align import Reject
-from .shards import TMP_SUFFIX, ShardDone, file_sha256
+from ..format import CARD_NAME, INDEX_NAME, PARTIAL_SUFFIX, README_NAME, REJECTS_NAME, TOKENIZER_DIR
+from .assemble import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +166,8 @@ def _own_files(out: Path, card: Card | None, journal: list[dict[str, Any]]) -> s
         # the interrupted build's shards of its own splits, renamed before their journal line could be
         # written, or still being written; and the files _finish was replacing
         names |= {p.name for p in out.iterdir()
-                  if _is_our_shard_name(p.name.removesuffix(TMP_SUFFIX), splits)
-                  or (p.name.endswith(TMP_SUFFIX) and p.name[: -len(TMP_SUFFIX)] in DATASET_FILES)}
+                  if _is_our_shard_name(p.name.removesuffix(PARTIAL_SUFFIX), splits)
+                  or (p.name.endswith(PARTIAL_SUFFIX) and p.name[: -len(PARTIAL_SUFFIX)] in DATASET_FILES)}
     names.discard(LOCK)
     return {n for n in names if "/" not in n and n not in ("", ".", "..") and os.path.lexists(out / n)}
 
@@ -178,24 +177,20 @@ def _is_our_shard_name(name: str, splits: list[str]) -> bool:
 
 
 def _valid_entries(out: Path, lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Journal entries whose shard is present with the recorded hash; a split stops at its first bad one."""
-    good, broken = [], set()
+    """Journal entries whose shard is present with the recorded hash (the others are written again)."""
+    good = []
     for e in lines:
-        p = out / e["file"]
-        if e["split"] in broken or not p.is_file() or file_sha256(p) != e["sha256"]:
-            broken.add(e["split"])
-            continue
-        good.append(e)
+        p = out / str(e.get("file"))
+        if isinstance(e.get("sha256"), str) and p.is_file() and file_sha256(p) == e["sha256"]:
+            good.append(e)
     return good
 
 
-def journal_shard(jf, split: str, done: ShardDone, consumed: int, rejects: list[Reject]) -> None:
-    entry = {"split": split, "file": done.info.file, "samples": done.info.samples, "bytes": done.info.bytes,
-             "sha256": done.info.sha256, "consumed": consumed, "rows": done.rows, "texts": done.texts,
-             "rejects": [r.to_dict() for r in rejects]}
+def journal_shard(jf, split: str, info: ShardInfo) -> None:
+    entry = {"split": split, "file": info.file, "samples": info.samples, "bytes": info.bytes, "sha256": info.sha256}
     jf.write(json.dumps(entry) + "\n")
     jf.flush()  # no fsync: a resumed build checks each listed shard's hash, so a lost line only costs a redo
 
 
-def done_from_entry(e: dict[str, Any]) -> ShardDone:
-    return ShardDone(ShardInfo(e["file"], e["samples"], e["bytes"], e["sha256"]), e["rows"], e["texts"])
+def shard_of_entry(e: dict[str, Any]) -> ShardInfo:
+    return ShardInfo(e["file"], e["samples"], e["bytes"], e["sha256"])

@@ -1,31 +1,50 @@
-"""Runner: discover -> align -> encode (process pool) -> shards -> card, resumable shard by shard."""
+"""Runner: the build's plan, from input to card. One pass packs every record as it is found (``pack``),
+then the shuffled shards are cut out of the spill files (``assemble``), then the card (``finish``).
+Resumable shard by shard."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
 import os
-import shutil
-from collections import Counter
+from array import array
+from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..card import Card, SplitInfo
+import numpy as np
+import pyarrow as pa
+
+from ..card import Card, ShardInfo
 from ..errors import ConfigError, MmdataError, RejectThresholdError
-from ..format import CARD_NAME, INDEX_NAME, REJECTS_NAME, TOKENIZER_DIR
-from ..storage import atomic_write
+from ..format import (
+    BLOCK,
+    CARD_NAME,
+    INDEX_NAME,
+    REJECTS_NAME,
+    modality_of,
+    parse_members,
+    sample_block,
+    shard_name,
+)
 from ..tasks import Task
-from .align import Record, Reject, align
+from .align import Ids, LabelStats, Reject, group_of
+from .assemble import cut
+from .catalog import Catalog, Samples
 from .config import BuildConfig, replace
 from .discover import discover
-from .hfcard import write_readme
+from .executors import RAY_PREFIX, ShardPlan, make_executor
+from .finish import LabelCounts, finish, modalities_of
+from .guard import realdir
 from .hfparquet import class_names, parquet_files
-from .index import write_index
-from .media import MediaSettings, encode_and_pack
-from .outdir import DATASET_FILES, JOURNAL, OutLock, done_from_entry, journal_shard, prepare_out
-from .shards import TMP_SUFFIX, ShardDone, SplitWriter
+from .index import IndexWriter
+from .media import MediaReject, MediaSettings, encode_audio
+from .outdir import DATASET_FILES, JOURNAL, OutLock, journal_shard, prepare_out, shard_of_entry
+from .pack import PackContext
 from .splits import assign_splits, shuffled, split_sort_key
 from .spool import Spool
 from .tars import source_card
@@ -52,7 +71,6 @@ def build_dataset(source: str | Path, out: str | Path, config: BuildConfig | Non
     import tempfile
 
     from ..storage import Storage, fetch_tree, is_url, publish
-    from .executors import make_executor
 
     config = config or BuildConfig()
     remote_out = is_url(out)
@@ -72,17 +90,16 @@ def build_dataset(source: str | Path, out: str | Path, config: BuildConfig | Non
                                           spool=spool)
         finally:
             spool.close()  # before any worker reads it
-        log.info("discovered %d records (%s layout) under %s", len(raws), layout, root)
         if not config.tasks:
             config = replace(config, tasks=_source_tasks(source, root, layout))
         dest = Storage(out if remote_out else Path(out).absolute(), storage_options)
         if remote_out:
             _prepare_remote(dest, overwrite=overwrite)
         work = Path(tmp) / "staging" if remote_out else Path(out)
-        pool = make_executor(executor, workers=config.num_workers, jobs=len(raws), ray_address=ray_address)
+        pool = make_executor(executor, workers=config.num_workers, ray_address=ray_address)
         try:
-            card = _build(raws, root, layout, work, config, pool, dest, overwrite=overwrite, resume=resume,
-                          progress=progress)
+            card = _build(raws, root, layout, work, Path(tmp), config, pool, dest, overwrite=overwrite,
+                          resume=resume, progress=progress)
         finally:
             pool.close()
         if remote_out:
@@ -146,175 +163,218 @@ def _prepare_remote(dest, *, overwrite: bool) -> None:
             dest.remove(name)
 
 
-def _build(raws, root: Path, layout: str, out: Path, config: BuildConfig, pool, dest,
+def _build(raws, root: Path, layout: str, out: Path, tmp: Path, config: BuildConfig, pool, dest,
            *, overwrite: bool, resume: bool, progress: bool) -> Card:
-    records, rejects, tasks = align(raws, root, config, map_fn=pool.check_map)
-    settings = _media_settings(records, config)
-    pool.start(decoding=_decodes(records, settings))
-    split_of = assign_splits(records, config)
+    from tqdm import tqdm
+
+    realdir.cache_clear()  # links may have changed since the last build in this process
+    folder = tmp / "pack"
+    folder.mkdir()
+    settings = media_settings(config)
+    ctx = PackContext(Path(os.path.realpath(root)), config, settings, str(folder))
+    catalog, stats, rejects, seen = _pack_pass(raws, ctx, pool, config, progress)
+    log.info("packed %d of %d records (%s layout) under %s", len(catalog), seen, layout, root)
+    settings = settle_rate(catalog, settings, pool, str(folder), rejects)
+    tasks = stats.tasks()
+    samples = Samples(str(folder), catalog, tasks, {t.source_column for t in tasks} | {config.split_by})
+    rejects += samples.rejects
+    kept = np.flatnonzero(samples.kept & (catalog.arrays["size"] > 0))
+    keys = pa.array(catalog.keys)
+    ids_of = pa.array([catalog.source_id(int(i)) for i in kept]) if config.split_by or config.val or config.test \
+        else pa.array([], pa.string())
+    split_of = assign_splits(catalog.splits.values, catalog.arrays["split"][kept], catalog.groups.values,
+                             catalog.arrays["group"][kept], ids_of, config)
     resolved = config.to_dict()
     resolved.update(layout=layout, sample_rate=settings.sample_rate,
                     tasks={t.name: {k: v for k, v in t.to_dict().items() if k != "name"} for t in tasks})
-    fingerprint = _fingerprint(resolved, records, split_of)
-    split_names = sorted(set(split_of.values()), key=split_sort_key)
-    journal = prepare_out(out, fingerprint, split_names, overwrite=overwrite, resume=resume)
-
-    by_key = {r.key: r for r in records}
-    orders = {s: shuffled([k for k, v in split_of.items() if v == s], s, config.seed) for s in split_names}
-    done: dict[str, list[ShardDone]] = {s: [] for s in split_names}
-    consumed: dict[str, int] = dict.fromkeys(split_names, 0)
-    for entry in journal:  # shards finished by an earlier, interrupted run (checked by hash)
-        done[entry["split"]].append(done_from_entry(entry))
-        consumed[entry["split"]] = entry["consumed"]
-        rejects += [Reject(**{**r, "paths": tuple(r["paths"])}) for r in entry["rejects"]]
-    todo = sum(len(orders[s]) - consumed[s] for s in split_names)
+    digest = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode())
+    digest.update(samples.digest.encode())
+    digest.update(json.dumps(split_of.tolist()).encode())
+    split_names = sorted(set(split_of.tolist()), key=split_sort_key)
+    journal = prepare_out(out, digest.hexdigest(), split_names, overwrite=overwrite, resume=resume)
+    finished = {e["file"]: e for e in journal}
     if journal:
-        log.info("resuming: %d shards kept, %d records left", len(journal), todo)
+        log.info("resuming: %d shards kept", len(journal))
 
-    from tqdm import tqdm
+    plans = []  # (split, name, records), in the order the shards are listed
+    size = catalog.arrays["size"] + samples.size
+    for split in split_names:
+        order = shuffled(kept[split_of == split], keys, split, config.seed)
+        starts = cut(size[order], config.max_samples, config.max_bytes)
+        for n, (a, b) in enumerate(zip(starts, [*starts[1:], len(order)])):
+            plans.append((split, shard_name(split, n), order[a:b]))
+    spills = [p for p in catalog.spills.values if not p.startswith(RAY_PREFIX)]
+    members: dict[str, list[bytes]] = {}  # each shard's KEY.json members, read once: for its tar and its index rows
 
-    bar = tqdm(total=todo, unit="rec", desc="build", disable=not progress, dynamic_ncols=True)
-    writers: list[SplitWriter] = []
+    def todo():
+        for _, name, recs in plans:
+            if name not in finished:
+                members[name] = [samples.member(i) for i in recs.tolist()]
+                yield _shard_plan(catalog, name, recs, members[name])
+
+    written = pool.write(todo(), str(out), spills, storage=dest, hook=shard_hook)
+    index = IndexWriter(out / INDEX_NAME, tasks, samples.meta_types)
+    counts, texts = LabelCounts(tasks), TextSample(config.tokenizer_sample_bytes if config.tokenizer_vocab else 0)
+    shards: dict[str, list[ShardInfo]] = {s: [] for s in split_names}
+    bar = tqdm(total=len(plans), unit="shard", desc="shards", disable=not progress, dynamic_ncols=True)
     with open(out / JOURNAL, "a", encoding="utf-8") as jf:
-        for split in split_names:
-            order = orders[split]
-            if pool.writes_shards:  # Ray: one task per shard, written straight to the destination
-                jobs = [(by_key[k], settings) for k in order]
-                done[split], more = pool.write_split(split, jobs, config.max_samples, config.max_bytes, dest)
-                rejects += more
-                bar.update(len(order))
-                continue
-            kept = sum(len(t.encode("utf-8")) for d in done[split] for t in d.texts)  # by a resumed build's shards
-            budget = max(0, config.tokenizer_sample_bytes - kept) if split == "train" else 0
-            writer = SplitWriter(out, split, config.max_samples, config.max_bytes, first_index=len(done[split]),
-                                 text_budget=budget)
-            writers.append(writer)
-            pending: list[Reject] = []
-            jobs = ((by_key[k], settings) for k in order[consumed[split]:])
-            try:
-                for pos, result in enumerate(pool.map(encode_and_pack, jobs), consumed[split]):
-                    bar.update(1)
-                    if isinstance(result, Reject):
-                        pending.append(result)
-                        bar.set_postfix(rejected=len(rejects) + len(pending), refresh=False)
-                        continue
-                    closed = writer.add(result)
-                    if closed:
-                        journal_shard(jf, split, closed, pos, pending)
-                        done[split].append(closed)
-                        rejects, pending = rejects + pending, []
-                closed = writer.close()
-            finally:
-                writer.abandon()  # after an error: stop the open shard's thread
-            if closed:
-                journal_shard(jf, split, closed, len(order), pending)
-                done[split].append(closed)
-            rejects += pending
+        for split, name, recs in plans:
+            if name in finished:
+                info = shard_of_entry(finished[name])
+            else:
+                info = next(written)
+                journal_shard(jf, split, info)
+            shards[split].append(info)
+            kept_shard = members.pop(name, None) or [samples.member(i) for i in recs.tolist()]
+            jsons = [json.loads(m[BLOCK:].rstrip(b"\0")) for m in kept_shard]
+            for sample in jsons:
+                counts.add(split, sample["labels"])
+            for row in _index_rows(catalog, recs, split, name, size[recs], jsons):
+                index.add(row)
+            if split == "train":
+                texts.take(catalog, recs, pool)
+            bar.update(1)
     bar.close()
-    for writer in writers:  # every shard on disk before the card says the dataset is there
-        writer.sync()
-    return _finish(out, config, resolved, tasks, settings, done, rejects, len(raws), fingerprint)
-
-
-def _decodes(records: list[Record], s: MediaSettings) -> bool:
-    """Whether encoding will decode media: anything but PNGs kept as they are and audio already in the
-    stored format and rate (a WAV's sample format is only known once read: it counts as kept)."""
-    for r in records:
-        image, audio = r.media.get("image"), r.media.get("audio")
-        if image is not None and (image.ext != "png" or s.max_side is not None
-                                  or s.image_format not in ("keep", "png")):
-            return True
-        if audio is not None and (audio.ext != s.audio_format or r.audio_rate != s.sample_rate):
-            return True
-    return False
-
-
-def _media_settings(records: list[Record], config: BuildConfig) -> MediaSettings:
-    rate = config.sample_rate
-    if rate is None:
-        rates = {r.audio_rate for r in records if r.audio_rate}
-        rate = rates.pop() if len(rates) == 1 else DEFAULT_RATE
-        if len(rates) > 0:
-            log.info("audio inputs have several sample rates; resampling all to %d Hz", rate)
-    return MediaSettings(config.image_format, config.image_quality, config.max_side, config.max_pixels, rate,
-                         config.channels, config.audio_format, config.max_audio_seconds)
-
-
-def _fingerprint(resolved: dict[str, Any], records: list[Record], split_of: dict[str, str]) -> str:
-    facts = [[r.key, r.source_id, split_of[r.key], r.paths, [m.size for m in r.media.values()], r.labels]
-             for r in sorted(records, key=lambda r: r.key)]
-    return hashlib.sha256(json.dumps([resolved, facts], sort_keys=True).encode()).hexdigest()
-
-
-# ---- card, index, rejects, tokenizer (written last) --------------------------------------------------------
-
-
-def _finish(out: Path, config: BuildConfig, resolved: dict[str, Any], tasks: tuple[Task, ...],
-            settings: MediaSettings, done: dict[str, list[ShardDone]], rejects: list[Reject],
-            num_input: int, fingerprint: str) -> Card:
-    rows = [row for split in done for d in done[split] for row in d.rows]
-    written = len(rows)
-    if written + len(rejects) != num_input:
-        raise AssertionError(f"accounting: {written} written + {len(rejects)} rejected != {num_input} input")
-    exts = {e for row in rows for e in row["exts"]}
-    modalities: dict[str, dict[str, Any]] = {}
-    if exts & {"jpg", "png", "webp"}:
-        modalities["image"] = {"formats": sorted(exts & {"jpg", "png", "webp"})}
-    if exts & {"flac", "wav"}:
-        modalities["audio"] = {"sample_rate": settings.sample_rate, "channels": settings.channels,
-                               "format": settings.audio_format}
-    if "txt" in exts:
-        modalities["text"] = {"encoding": "utf-8", "normalization": "NFC"}
-    splits = {
-        s: SplitInfo(tuple(d.info for d in ds), _label_counts(tasks, [r for d in ds for r in d.rows]))
-        for s, ds in done.items() if ds
-    }
-    reasons = Counter(r.reason for r in rejects)
-    counts = {"input": num_input, "written": written, "rejected": dict(sorted(reasons.items()))}
-    card = Card(modalities=modalities, tasks=_task_list(tasks), splits=splits, build_config=resolved,
-                counts=counts, fingerprint=fingerprint)
-    texts = [t for d in done.get("train", []) for t in d.texts]
-    if texts and config.tokenizer_vocab > 0:
-        _write_tokenizer(out, texts, config.tokenizer_vocab)
-    meta = write_index(out / INDEX_NAME, rows, tasks)
-    write_readme(out, card, rejects, meta)
-    lines = "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n"
-                    for r in sorted(rejects, key=lambda r: (r.source_id, r.reason, r.paths)))
-    atomic_write(out / REJECTS_NAME, lines.encode("utf-8"))
-    atomic_write(out / CARD_NAME, card.to_json().encode("utf-8"))
+    samples.close()
+    meta = index.close()
+    exts = {e for code in np.unique(catalog.arrays["exts"][kept]).tolist() for e in catalog.exts.values[code]}
+    card = finish(out, modalities=modalities_of(exts, settings), tasks=tasks, shards=shards, counts=counts,
+                  rejects=sorted(rejects, key=lambda r: (r.source_id, r.reason, r.paths)), num_input=seen,
+                  resolved=resolved, fingerprint=digest.hexdigest(), texts=texts.texts, has_text=bool(texts.ends),
+                  vocab=config.tokenizer_vocab, meta=meta)
     os.remove(out / JOURNAL)
     return card
 
 
-def _task_list(tasks: tuple[Task, ...]):
-    from ..tasks import TaskList
+def _pack_pass(raws, ctx: PackContext, pool, config: BuildConfig,
+               progress: bool) -> tuple[Catalog, LabelStats, list[Reject], int]:
+    """Pack every record as it is found; return the catalog, the labels seen, the rejects and the input count."""
+    from tqdm import tqdm
 
-    return TaskList(tuple(tasks))
+    catalog, stats, ids = Catalog(ctx.folder), LabelStats(config), Ids()
+    rejects: list[Reject] = []
+    pending: deque = deque()  # (record, key) handed to the executor, in order
+    seen = 0
+
+    def jobs():  # may run in the pool's feeding thread: ids are checked and keys given in input order
+        nonlocal seen
+        for raw in raws:
+            seen += 1
+            key = ids.check(raw)
+            if isinstance(key, Reject):
+                rejects.append(key)
+                continue
+            pending.append((raw, key))
+            yield raw, key
+
+    bar = tqdm(unit="rec", desc="pack", disable=not progress, dynamic_ncols=True)
+    try:
+        for result in pool.pack(jobs(), ctx):
+            raw, key = pending.popleft()
+            bar.update(1)
+            if isinstance(result, Reject):
+                rejects.append(result)
+                bar.set_postfix(rejected=len(rejects), refresh=False)
+                continue
+            stats.add(raw.labels, raw.fields)
+            catalog.add(raw, key, result, group_of(raw, config))
+    finally:
+        bar.close()
+        catalog.close()
+    catalog.finish()
+    return catalog, stats, rejects, seen
 
 
-def _label_counts(tasks: tuple[Task, ...], rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
-    out: dict[str, dict[str, int]] = {}
-    for t in tasks:
-        vals = [r["labels"].get(t.name) for r in rows]
-        if t.type == "regression":
-            c = {"present": sum(v is not None for v in vals)}
-        else:
-            c = dict.fromkeys(t.classes, 0)
-            for v in vals:
-                for i in ([v] if t.type == "classification" else v) if v is not None else []:
-                    c[t.classes[i]] += 1
-        c["missing"] = sum(v is None for v in vals)
-        out[t.name] = c
-    return out
+def shard_hook(shard) -> None:
+    """Called after each sample a shard gets (a test's place to interrupt a build)."""
 
 
-def _write_tokenizer(out: Path, texts: list[str], vocab: int) -> None:
-    from ..tokenizer import save_tokenizer, train_tokenizer
+def _shard_plan(catalog: Catalog, name: str, recs: np.ndarray, jsons: list[bytes]) -> ShardPlan:
+    a, paths = catalog.arrays, catalog.spills.values
+    spill, offset, size = (a[k][recs].tolist() for k in ("spill", "offset", "size"))
+    return ShardPlan(name, [(paths[c], o, n) for c, o, n in zip(spill, offset, size)], jsons)
 
-    tmp = out / (TOKENIZER_DIR + TMP_SUFFIX)
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_tokenizer(train_tokenizer(texts, vocab_size=vocab), tmp)
-    final = out / TOKENIZER_DIR
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+
+def _index_rows(catalog: Catalog, recs: np.ndarray, split: str, shard: str, sizes: np.ndarray,
+                samples: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The index rows of one shard's samples."""
+    a, exts = catalog.arrays, catalog.exts.values
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
+    columns = [a[k][recs].tolist() for k in ("exts", "image_width", "image_height", "audio_seconds", "text_chars")]
+    for i, pos, size, sample, (code, width, height, seconds, chars) in zip(
+            recs.tolist(), offsets, sizes.tolist(), samples, zip(*columns)):
+        yield {
+            "key": catalog.keys[i], "split": split, "shard": shard, "offset": pos, "size": size,
+            "modalities": sorted(filter(None, map(modality_of, exts[code]))),
+            "image_width": None if width < 0 else width, "image_height": None if height < 0 else height,
+            "audio_seconds": None if seconds < 0 else seconds, "text_chars": None if chars < 0 else chars,
+            "source_id": sample["id"], "labels": sample["labels"], "meta": sample.get("meta") or {},
+        }
+
+
+class TextSample:
+    """The train split's text, in shard order, up to ``budget`` UTF-8 bytes: what the tokenizer learns from.
+
+    Kept as one buffer of UTF-8 bytes and the texts' ends, not as a string per text."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.buffer = bytearray()
+        self.ends = array("q")
+
+    def take(self, catalog: Catalog, recs: np.ndarray, pool) -> None:
+        a = catalog.arrays
+        for i in recs.tolist():
+            if self.budget <= 0:
+                return
+            if a["text_at"][i] < 0:
+                continue
+            path = catalog.spills.values[a["spill"][i]]
+            data = pool.read(path, int(a["offset"][i]), int(a["text_at"][i]), int(a["text_bytes"][i]))
+            data = data[: self.budget].decode("utf-8", "ignore").encode("utf-8")  # cut at a character
+            self.budget -= len(data) or 1
+            self.buffer += data
+            self.ends.append(len(self.buffer))
+
+    @property
+    def texts(self) -> Iterator[str]:
+        start = 0
+        for end in self.ends:
+            yield self.buffer[start:end].decode("utf-8")
+            start = end
+
+
+def media_settings(config: BuildConfig) -> MediaSettings:
+    return MediaSettings(config.image_format, config.image_quality, config.max_side, config.max_pixels,
+                         config.sample_rate, config.channels, config.audio_format, config.max_audio_seconds)
+
+
+def settle_rate(catalog: Catalog, settings: MediaSettings, pool, folder: str, rejects: list[Reject]) -> MediaSettings:
+    """The dataset's one audio rate, when the config leaves it open: the files' own rate when they all
+    share one, else ``DEFAULT_RATE``, to which the records of other rates are then re-encoded."""
+    if settings.sample_rate is not None:
+        return settings
+    rates = catalog.arrays["audio_rate"]
+    found = sorted(set(np.unique(rates[rates > 0]).tolist()))
+    rate = found[0] if len(found) == 1 else DEFAULT_RATE
+    settings = dataclasses.replace(settings, sample_rate=rate)
+    redo = np.flatnonzero((rates > 0) & (rates != rate))
+    if len(redo):
+        log.info("audio inputs have several sample rates %s; resampling all to %d Hz", found, rate)
+    for i in redo.tolist():
+        a = catalog.arrays
+        block = pool.read(catalog.spills.values[a["spill"][i]], int(a["offset"][i]), 0, int(a["size"][i]))
+        members = {name.partition(".")[2]: data for name, data in parse_members(block)}
+        ext = next(e for e in members if e in ("flac", "wav"))
+        try:
+            new_ext, members[new_ext], seconds, _ = encode_audio(members.pop(ext), ext, settings)
+        except MediaReject as e:
+            rejects.append(Reject(catalog.source_id(i), (), e.reason, str(e)))
+            a["size"][i] = 0  # left out of the dataset
+            continue
+        block = sample_block(catalog.keys[i], members)
+        text = members.get("txt")
+        at = -1 if text is None else len(block) - len(text) - (-len(text) % BLOCK)
+        spill, offset = pool.store(block, folder)
+        catalog.replace(i, spill, offset, len(block), seconds, rate, at)
+    return settings
