@@ -17,7 +17,19 @@ from .errors import (
     SchemaError,
 )
 
-__version__ = "0.1.0"
+
+def _version() -> str:
+    """The installed distribution's version: pyproject.toml is its one source.
+
+    Read on first use of ``mmdata.__version__``: importlib.metadata costs more than the rest of ``import mmdata``.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mmdata")
+    except PackageNotFoundError:  # a source tree that is not installed
+        return "0+unknown"
+
 
 _LAZY = {
     "open_dataset": "dataset",
@@ -25,18 +37,22 @@ _LAZY = {
     "make_loader": "loader",
     "Loader": "loader",
     "LoaderConfig": "loader",
+    "Mixture": "mixture",
     "Batch": "batch",
     "build_dataset": "build",
 }
 
 __all__ = [
-    "open_dataset", "Dataset", "make_loader", "Loader", "LoaderConfig", "Batch", "build_dataset",
+    "open_dataset", "Dataset", "make_loader", "Loader", "LoaderConfig", "Mixture", "Batch", "build_dataset",
     "MmdataError", "ConfigError", "SchemaError", "DatasetNotFoundError", "CorruptShardError", "DecodeError",
     "RejectThresholdError",
 ]
 
 
 def __getattr__(name: str):
+    if name == "__version__":
+        globals()[name] = _version()
+        return globals()[name]
     if name in _LAZY:
         value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
         globals()[name] = value

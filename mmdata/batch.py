@@ -13,13 +13,18 @@ MODALITIES = ("image", "audio", "text")
 class Batch:
     """A collated batch. An absent modality is zeros with its mask False, never an exception.
 
-    From the loader: ``image`` uint8 (B,3,H,W); ``audio`` float32 (B,T) waveform with
-    ``audio_lengths`` (B,) in samples; ``text_ids`` int64 (B,L) with ``attention_mask`` (B,L).
-    After ``mmdata.augment.Pipeline``: ``image`` float32 normalised (B,3,H,W); ``audio`` float32
-    log-mel features (B,n_mels,F) with ``audio_lengths`` (B,) in frames (``audio_is_features`` True).
+    From the loader: ``image`` uint8 (B,3,H,W); ``audio`` float32 (B,T) waveform with ``audio_lengths``
+    (B,) in samples; ``text_ids`` int64 (B,L) with ``attention_mask`` (B,L).
+    After ``mmdata.augment.Pipeline``: ``image`` float32 normalised (B,3,H,W); ``audio_features`` float32
+    log-mel or MFCC (B,n_mels,F) with ``audio_feature_lengths`` (B,) in frames, and ``audio`` and
+    ``audio_lengths`` None: the pipeline replaces the waveform by its features, so mixup and modality
+    dropout change the one audio tensor the model reads. ``audio_mask`` is the presence of either.
     Modalities not asked for are None. ``labels[task]``: LongTensor (B,) for classification,
     FloatTensor (B,C) multilabel (or soft (B,C) classification targets after mixup), FloatTensor (B,D)
     regression; ``label_mask[task]`` (B,) bool.
+
+    No transport fields: JPEGs left undecoded for the device travel beside a Batch, as a
+    ``mmdata.gpudecode.PackedImages`` that only ``mmdata.prefetch.DevicePrefetcher`` sees and decodes.
     """
 
     keys: list[str]
@@ -27,18 +32,15 @@ class Batch:
     image_mask: torch.Tensor | None = None
     audio: torch.Tensor | None = None
     audio_lengths: torch.Tensor | None = None
+    audio_features: torch.Tensor | None = None
+    audio_feature_lengths: torch.Tensor | None = None
     audio_mask: torch.Tensor | None = None
     text_ids: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None
     text_mask: torch.Tensor | None = None
     labels: dict[str, torch.Tensor] = field(default_factory=dict)
     label_mask: dict[str, torch.Tensor] = field(default_factory=dict)
-    audio_is_features: bool = False
-    # GPU decode transport: JPEG bytes of the batch packed in one uint8 buffer, with offsets (B+1,);
-    # ``image_size`` is the (H, W) to resize to after decoding on the device.
-    image_bytes: torch.Tensor | None = None
-    image_offsets: torch.Tensor | None = None
-    image_size: tuple[int, int] | None = None
+    source: torch.Tensor | None = None  # (B,) int64 index into the loader's ``sources`` (a Mixture's); else None
 
     def __len__(self) -> int:
         return len(self.keys)

@@ -1,19 +1,26 @@
-"""Collate decoded samples into a Batch: stacked, padded, with a presence mask per modality and label."""
+"""Collate decoded samples into a Batch: stacked, padded, with a presence mask per modality and label.
+
+JPEGs the workers left undecoded (``DecodeSpec.image_on_device``) are not in the Batch: ``pack_jpegs``
+packs them into the ``PackedImages`` that travels beside it to the device decoder.
+"""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from .batch import Batch
 from .decode import DecodeSpec, Sample
 from .geometry import batch_image_size
+from .gpudecode import PackedImages
 from .tasks import Task
 from .tokenizer import PAD_ID
 
 
 def collate(samples: list[Sample], spec: DecodeSpec) -> Batch:
-    """Samples -> Batch. An absent modality is zeros with mask False; its shape is the same as when present."""
+    """Samples -> Batch. An absent modality is zeros with mask False; its shape is the same as when present.
+
+    A sample whose JPEG is left for the device has its image row zeros and its mask True (``pack_jpegs``).
+    """
     B = len(samples)
     batch = Batch(keys=[s.key for s in samples])
     if "image" in spec.modalities:
@@ -62,14 +69,13 @@ def _images(batch: Batch, samples: list[Sample], spec: DecodeSpec) -> None:
     batch.image = image
     batch.image_mask = torch.tensor([s.image is not None or s.image_jpeg is not None for s in samples],
                                     dtype=torch.bool)
-    if spec.image_on_device:
-        # JPEGs travel undecoded: one uint8 buffer and offsets (B+1,); a row with no bytes is absent or decoded
-        blobs = [s.image_jpeg or b"" for s in samples]
-        offsets = np.concatenate([[0], np.cumsum([len(b) for b in blobs])]).astype(np.int64)
-        batch.image_bytes = torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8) if offsets[-1] \
-            else torch.zeros(0, dtype=torch.uint8)
-        batch.image_offsets = torch.from_numpy(offsets)
-        batch.image_size = size
+
+
+def pack_jpegs(samples: list[Sample], batch: Batch) -> PackedImages | None:
+    """The undecoded JPEGs of ``samples`` (collated into ``batch``), packed for the device; None if none."""
+    if batch.image is None:
+        return None
+    return PackedImages.pack([s.image_jpeg for s in samples], tuple(batch.image.shape[-2:]))
 
 
 def _labels(task: Task, values: list) -> tuple[torch.Tensor, torch.Tensor]:

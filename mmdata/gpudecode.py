@@ -1,23 +1,56 @@
 """Decode a batch's packed JPEG bytes on the device (nvJPEG on CUDA) and resize them there.
 
-Workers that pass JPEGs undecoded fill ``Batch.image_bytes`` (one uint8 buffer, the batch's files
-concatenated) and ``Batch.image_offsets`` (B+1,); a row with no bytes was either absent or decoded
-into ``Batch.image`` by the worker on the CPU (not a JPEG by its magic bytes, or a CMYK one).
+With ``LoaderConfig(decode_images_on="device")`` the workers leave JPEGs undecoded: they travel as a
+``PackedImages`` beside their Batch (``Loader.iter_packed``), never inside it, and
+``mmdata.prefetch.DevicePrefetcher`` hands them to ``decode_images``, the one place they are decoded.
+The Batch's rows for them are zeros until then; its other rows are absent, or were decoded by the worker
+on the CPU (not a JPEG by its magic bytes, or a CMYK one).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
 from .batch import Batch
 from .decode import decode_rgb
 from .errors import ConfigError, DecodeError, SchemaError
-from .geometry import batch_image_size, resize_crop
+from .geometry import resize_crop
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PackedImages:
+    """The undecoded JPEGs of a batch's ``rows``: one uint8 buffer and the offsets of each file in it.
+
+    ``data`` uint8 (N,) on the host (the decoder reads host memory); ``offsets`` int64 (n+1,), file j is
+    ``data[offsets[j]:offsets[j+1]]``; ``rows`` int64 (n,), the batch row of each file; ``size`` the (H, W)
+    the decoded images are resized to (the Batch's image size). Not a tensor container: a DataLoader
+    neither pins nor moves it.
+    """
+
+    data: torch.Tensor
+    offsets: torch.Tensor
+    rows: torch.Tensor
+    size: tuple[int, int]
+
+    @classmethod
+    def pack(cls, files: list[bytes | None], size: tuple[int, int]) -> PackedImages | None:
+        """Pack the JPEGs of a batch (``files[i]``: row i's bytes, None for no JPEG); None when there are none."""
+        rows = [i for i, f in enumerate(files) if f]
+        if not rows:
+            return None
+        lengths = torch.tensor([0] + [len(files[i]) for i in rows], dtype=torch.int64)
+        data = torch.frombuffer(bytearray(b"".join(files[i] for i in rows)), dtype=torch.uint8)
+        return cls(data, lengths.cumsum(0), torch.tensor(rows, dtype=torch.int64), (int(size[0]), int(size[1])))
+
+    def files(self) -> list[torch.Tensor]:
+        """Each JPEG as a uint8 view of ``data``, in the order of ``rows``."""
+        ends = self.offsets.tolist()
+        return [self.data[ends[j]:ends[j + 1]] for j in range(len(ends) - 1)]
 
 
 def _decode(datas: list[torch.Tensor], keys: list[str], device: torch.device,
@@ -63,35 +96,30 @@ def _decode_on_host(data: torch.Tensor, key: str, device: torch.device, on_error
     return img.to(device, non_blocking=True)
 
 
-def decode_images(batch: Batch, device: torch.device | str, on_error: str = "raise") -> Batch:
-    """Return a copy of ``batch`` whose ``image`` is uint8 (B,3,H,W) on ``device``, decoded from its bytes.
+def decode_images(batch: Batch, images: PackedImages | None, device: torch.device | str,
+                  on_error: str = "raise") -> Batch:
+    """Return a copy of ``batch`` whose ``image`` is uint8 (B,3,H,W) on ``device``, with ``images`` decoded in.
 
-    Rows whose ``image_mask`` is False stay zeros; rows with empty bytes keep the worker's CPU-decoded
-    ``image`` row. Images are resized by ``mmdata.geometry.resize_crop`` (aspect kept, centre crop: the
-    workers' rule) to ``batch.image_size``, else the size of ``batch.image``, else the common size of
-    the decoded images (ConfigError when they differ). A batch without bytes is returned unchanged.
-    An image the device cannot decode (CMYK, a PNG or WebP in JPEG's place) is decoded on the CPU as
-    the workers do. Bytes that no decoder reads raise DecodeError naming the sample, or with
-    ``on_error="skip"`` (the loader's setting) become an absent image: zeros, ``image_mask`` False, and
-    a warning with its key. (A worker that decodes on the CPU drops such a sample; here the batch is
-    already formed, so the sample stays with its other modalities, as a sample whose image is missing does.)
+    Each JPEG is decoded on ``device`` and resized by ``mmdata.geometry.resize_crop`` (aspect kept, centre
+    crop: the workers' rule) to ``images.size`` into its row; the other rows keep the batch's (the worker's
+    CPU-decoded images, or zeros when absent). ``images`` None returns ``batch`` itself. An image the
+    device cannot decode (CMYK, a PNG or WebP in JPEG's place) is decoded on the CPU as the workers do.
+    Bytes that no decoder reads raise DecodeError naming the sample, or with ``on_error="skip"`` (the
+    loader's setting) become an absent image: zeros, ``image_mask`` False, and a warning with its key. (A
+    worker that decodes on the CPU drops such a sample; here the batch is already formed, so the sample
+    stays with its other modalities, as a sample whose image is missing does.)
     """
     if on_error not in ("raise", "skip"):
         raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    if batch.image_bytes is None:
+    if images is None:
         return batch
-    if batch.image_offsets is None:
-        raise SchemaError("batch.image_bytes is set without batch.image_offsets (B+1,); "
-                          "the loader must set both")
     device = torch.device(device)
     B = len(batch)
-    offsets = batch.image_offsets.cpu().tolist()  # host ints; on the CPU already when the loader made them
-    if len(offsets) != B + 1:
-        raise SchemaError(f"batch.image_offsets must have B+1={B + 1} entries, got {len(offsets)}")
-    buffer = batch.image_bytes.cpu()  # decode_jpeg reads host memory and writes to ``device``
-    rows = [i for i in range(B) if offsets[i + 1] > offsets[i]]  # absent rows have no bytes (and are masked)
-    decoded = (_decode([buffer[offsets[i]:offsets[i + 1]] for i in rows], [batch.keys[i] for i in rows], device,
-                       on_error) if rows else [])  # a batch of PNGs or without images carries no JPEG bytes
+    rows = images.rows.tolist()  # host ints: PackedImages stays on the host
+    if len(images.offsets) != len(rows) + 1 or any(not 0 <= r < B for r in rows):
+        raise SchemaError(f"PackedImages must have offsets (n+1,) and rows (n,) within the batch of {B}; got "
+                          f"{len(images.offsets)} offsets and rows {rows}")
+    decoded = _decode(images.files(), [batch.keys[i] for i in rows], device, on_error)
     image_mask = batch.image_mask
     if any(d is None for d in decoded):
         failed = [rows[j] for j, d in enumerate(decoded) if d is None]
@@ -100,13 +128,7 @@ def decode_images(batch: Batch, device: torch.device | str, on_error: str = "rai
         image_mask[failed] = False
         rows, decoded = [r for r, d in zip(rows, decoded) if d is not None], [d for d in decoded if d is not None]
 
-    if batch.image_size is not None:  # set by collate: LoaderConfig.image_size, or the batch's common size
-        size = batch_image_size(batch.image_size, [])
-    elif batch.image is not None:
-        size = (int(batch.image.shape[-2]), int(batch.image.shape[-1]))
-    else:
-        size = batch_image_size(None, [tuple(d.shape[-2:]) for d in decoded])
-
+    size = images.size
     if batch.image is None:
         image = torch.zeros(B, 3, *size, dtype=torch.uint8, device=device)
     else:  # keeps the worker's CPU-decoded rows, resized by the same rule if a hand-made batch needs it
@@ -123,4 +145,4 @@ def decode_images(batch: Batch, device: torch.device | str, on_error: str = "rai
     if image_mask is not None:
         image = image * image_mask.to(device, non_blocking=True).bool().view(-1, 1, 1, 1)
     log.debug("decoded %d of %d images on %s", len(rows), B, device)
-    return replace(batch, image=image, image_mask=image_mask, image_bytes=None, image_offsets=None)
+    return replace(batch, image=image, image_mask=image_mask)

@@ -1,5 +1,9 @@
 """DevicePrefetcher: copy and decode the next batch on a side stream while the current step runs.
 
+It is the one reader of the JPEGs a loader leaves undecoded (``LoaderConfig(decode_images_on="device")``):
+it takes each Batch with its ``PackedImages`` from ``Loader.iter_packed`` and decodes them into the batch
+on its device; a Batch handed out holds decoded images only.
+
 Which stream does what (CUDA):
 
   side stream     the host-to-device copy of batch i+1, then its JPEG decode (nvJPEG) and resize: every
@@ -24,13 +28,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
-from dataclasses import fields, replace
+from dataclasses import fields
 from typing import Any, Protocol
 
 import torch
 
 from .batch import Batch
-from .gpudecode import decode_images
+from .gpudecode import PackedImages, decode_images
 
 Transform = Callable[[Batch], Batch]
 
@@ -77,28 +81,26 @@ def _tensors(batch: Batch) -> Iterator[torch.Tensor]:
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:
-    """Copy every tensor but the packed JPEG bytes (decode_jpeg reads them from host memory)."""
+    """Copy every tensor of ``batch`` (the packed JPEGs are not in it: decode_jpeg reads them from the host)."""
     def move(t: torch.Tensor) -> torch.Tensor:
         if device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
             t = t.pin_memory()  # a non_blocking copy is only asynchronous from page-locked memory
         return t.to(device, non_blocking=True)
 
-    keep = {"image_bytes": batch.image_bytes, "image_offsets": batch.image_offsets}
-    bare = replace(batch, image_bytes=None, image_offsets=None)
-    return replace(bare._map(move), **keep)
+    return batch._map(move)
 
 
-def stage(batch: Batch, device: torch.device, streams: StreamOps,
-          decode: Callable[[Batch], Batch] | None) -> Batch:
-    """Copy ``batch`` to ``device``, then ``decode`` its packed JPEGs, all with ``streams.side`` current."""
+def stage(batch: Batch, images: PackedImages | None, device: torch.device, streams: StreamOps,
+          on_error: str = "raise") -> Batch:
+    """Copy ``batch`` to ``device``, then decode ``images`` into it, all with ``streams.side`` current."""
     with streams.use(streams.side):
         batch = _to_device(batch, device)
-        if decode is not None and batch.image_bytes is not None:
+        if images is not None:
             # nvJPEG writes from a private stream that waits on nothing: a block freed on the side stream
             # whose last reader (the copy above, the last batch's resize) is still queued there could be
             # handed to it. The host waits for the side stream's queue first (decode_jpeg blocks anyway).
             streams.side.synchronize()
-            batch = decode(batch)
+            batch = decode_images(batch, images, device, on_error)
     return batch
 
 
@@ -116,6 +118,9 @@ def hand_over(batch: Batch, device: torch.device, streams: StreamOps) -> Batch:
 class DevicePrefetcher:
     """Iterate ``loader`` yielding batches on ``device``, decoded (packed JPEGs) and transformed.
 
+    A loader with ``iter_packed`` (``mmdata.Loader``) is read through it, and its packed JPEGs are
+    decoded here; any other iterable of Batches (a list, in tests) is only copied and transformed.
+
     On CUDA, when the caller asks for batch i+1 (having queued step i), it is copied and decoded on a
     side stream, so that work overlaps step i on the GPU; the caller's stream then waits for it and every
     tensor is marked as used there (``record_stream``). ``transform`` (e.g.
@@ -128,13 +133,12 @@ class DevicePrefetcher:
     """
 
     def __init__(self, loader: Iterable[Batch], device: torch.device | str, transform: Transform | None = None,
-                 decode: bool = True, on_error: str | None = None, streams: StreamOps | None = None):
+                 on_error: str | None = None, streams: StreamOps | None = None):
         self.loader = loader
         # an undecodable JPEG: raise, or mark the image absent ("skip"); by default as the loader does
         self.on_error = on_error or getattr(loader, "on_error", "raise")
         self.device = torch.device(device)
         self.transform = transform
-        self.decode = decode
         self.streams = streams
 
     def __len__(self) -> int:
@@ -152,18 +156,15 @@ class DevicePrefetcher:
     def load_state_dict(self, state: dict) -> None:
         self.loader.load_state_dict(state)
 
-    def _decode(self, batch: Batch) -> Batch:
-        return decode_images(batch, self.device, self.on_error)
-
     def __iter__(self) -> Iterator[Batch]:
         streams = self.streams
         if streams is None and self.device.type == "cuda":
             streams = CudaStreams(self.device)
-        decode = self._decode if self.decode else None
-        for batch in self.loader:  # the caller has queued its last step: this copy and decode overlap it
+        packed = getattr(self.loader, "iter_packed", None)
+        pairs = packed() if packed is not None else ((b, None) for b in self.loader)
+        for batch, images in pairs:  # the caller has queued its last step: this copy and decode overlap it
             if streams is None:
-                batch = _to_device(batch, self.device)
-                batch = decode(batch) if decode is not None else batch
+                batch = decode_images(_to_device(batch, self.device), images, self.device, self.on_error)
             else:
-                batch = hand_over(stage(batch, self.device, streams, decode), self.device, streams)
+                batch = hand_over(stage(batch, images, self.device, streams, self.on_error), self.device, streams)
             yield self.transform(batch) if self.transform is not None else batch

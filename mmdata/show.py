@@ -141,9 +141,10 @@ def augmented(ds, shown: list[Shown], cfg_dict: dict[str, Any], seed: int) -> tu
         images = [pix[i] if after.image_mask[i] else None for i in range(len(shown))]
 
     def feats(b) -> list:
-        if b.audio is None:
+        if b.audio_features is None:
             return [None] * len(shown)
-        return [b.audio[i, :, : int(b.audio_lengths[i])].numpy() if b.audio_mask[i] and b.audio_lengths[i] > 0
+        n = b.audio_feature_lengths
+        return [b.audio_features[i, :, : int(n[i])].numpy() if b.audio_mask[i] and n[i] > 0
                 else None for i in range(len(shown))]
 
     return images, feats(before), feats(after)

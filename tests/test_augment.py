@@ -63,7 +63,7 @@ def pipeline(**sections) -> Pipeline:
 
 
 def assert_batches_equal(a: Batch, b: Batch) -> None:
-    for name in ("image", "audio", "audio_lengths", "text_ids", "attention_mask", "image_mask", "audio_mask"):
+    for name in ("image", "audio_features", "audio_feature_lengths", "text_ids", "attention_mask", "image_mask", "audio_mask"):
         torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=0)
     for t in a.labels:
         torch.testing.assert_close(a.labels[t], b.labels[t], rtol=0, atol=0)
@@ -103,13 +103,13 @@ def test_pipeline_output_shapes_dtypes_and_masks():
     b = make_batch()
     out = pipeline(image={"size": [24, 20]}, audio={"n_mels": 32})(b, generator=gen())
     assert out.image.shape == (4, 3, 24, 20) and out.image.dtype == torch.float32
-    assert out.audio.shape[:2] == (4, 32) and out.audio_is_features
+    assert out.audio_features.shape[:2] == (4, 32) and out.audio is None
     hop = SR // 100
-    assert out.audio_lengths.tolist() == [int(n) // hop + 1 if n > 0 else 0 for n in b.audio_lengths]
+    assert out.audio_feature_lengths.tolist() == [int(n) // hop + 1 if n > 0 else 0 for n in b.audio_lengths]
     assert out.text_ids.shape == b.text_ids.shape
     torch.testing.assert_close(out.audio_mask, b.audio_mask)  # no dropout configured: masks kept
     assert out.labels["digit"].dtype == torch.long  # no mixing configured: labels untouched
-    assert b.image.dtype == torch.uint8 and not b.audio_is_features  # input batch not modified
+    assert b.image.dtype == torch.uint8 and b.audio_features is None  # input batch not modified: still the waveform
 
 
 def test_two_identical_samples_get_different_crops():
@@ -124,7 +124,7 @@ def test_same_seed_replays_exactly_and_another_seed_differs():
     a1, a2, a3 = (aug(b, generator=gen(s)) for s in (7, 7, 8))
     assert_batches_equal(a1, a2)
     assert not torch.equal(a1.image, a3.image)
-    assert not torch.equal(a1.audio, a3.audio)
+    assert not torch.equal(a1.audio_features, a3.audio_features)
 
 
 def test_returned_params_replay_exactly():
@@ -158,7 +158,7 @@ def test_none_modalities_stay_none():
     b = make_batch()
     only_image = Batch(keys=b.keys, image=b.image, image_mask=b.image_mask)
     out = pipeline(mix={"modality_dropout": 0.5})(only_image, generator=gen())
-    assert out.audio is None and out.text_ids is None and out.audio_mask is None
+    assert out.audio is None and out.audio_features is None and out.text_ids is None and out.audio_mask is None
     assert out.image_mask.all()  # the only modality is never dropped
     only_text = Batch(keys=b.keys, text_ids=b.text_ids, attention_mask=b.attention_mask, text_mask=b.text_mask)
     assert Pipeline()(only_text, generator=gen()).image is None  # no sample rate needed without audio
@@ -215,12 +215,12 @@ def test_padded_frames_stay_zero_and_masks_stay_within_length():
     aug = pipeline(audio={"time_masks": 4, "time_mask_frames": 30})
     for seed in range(5):
         out, params = aug(b, generator=gen(seed), return_params=True)
-        F = out.audio.shape[-1]
-        valid = torch.arange(F) < out.audio_lengths[:, None]  # (B,F)
-        assert (out.audio * ~valid[:, None, :] == 0).all()
+        F = out.audio_features.shape[-1]
+        valid = torch.arange(F) < out.audio_feature_lengths[:, None]  # (B,F)
+        assert (out.audio_features * ~valid[:, None, :] == 0).all()
         sp = params["audio"]["specaug"]
         end = sp["time_start"] + sp["time_width"]
-        assert (end <= out.audio_lengths[:, None]).all() and (sp["time_width"] <= cfg.time_mask_frames).all()
+        assert (end <= out.audio_feature_lengths[:, None]).all() and (sp["time_width"] <= cfg.time_mask_frames).all()
     # a SpecAugment op on its own: masked cells are inside [0, length)
     feats = Audio(torch.ones(3, 8, 50), torch.tensor([50, 10, 0]))
     y = SpecAugment(cfg)(feats, generator=gen()).values
@@ -231,8 +231,8 @@ def test_features_ignore_padding():
     b = make_batch(4)
     aug = pipeline().eval()
     alone = Batch(keys=b.keys[1:2], audio=b.audio[1:2, : int(b.audio_lengths[1])], audio_lengths=b.audio_lengths[1:2])
-    f_alone = aug(alone).audio[0]
-    f_batch = aug(b).audio[1, :, : f_alone.shape[-1]]
+    f_alone = aug(alone).audio_features[0]
+    f_batch = aug(b).audio_features[1, :, : f_alone.shape[-1]]
     torch.testing.assert_close(f_batch, f_alone, atol=1e-4, rtol=1e-4)
 
 
@@ -282,7 +282,7 @@ def test_modality_dropout_updates_masks_and_zeroes_inputs():
     out = pipeline(mix={"modality_dropout": 1.0})(b, generator=gen())
     present = torch.stack([out.image_mask, out.audio_mask, out.text_mask], 1)
     assert (present.sum(1) == 1).all()  # never drops a sample's last modality
-    assert (out.audio[~out.audio_mask] == 0).all() and (out.audio_lengths[~out.audio_mask] == 0).all()
+    assert (out.audio_features[~out.audio_mask] == 0).all() and (out.audio_feature_lengths[~out.audio_mask] == 0).all()
     assert (out.attention_mask[~out.text_mask] == 0).all() and (out.text_ids[~out.text_mask] == 0).all()
     assert (out.image[~out.image_mask] == 0).all()
 
@@ -353,7 +353,7 @@ def test_cpu_and_cuda_agree_for_fixed_params():
     out_cpu, params = aug(b, generator=gen(11), return_params=True)
     aug_cuda = pickle.loads(pickle.dumps(aug)).cuda()
     out_cuda = aug_cuda(b.to("cuda"), params=params_to(params, torch.device("cuda")))
-    for name in ("image", "audio", "audio_lengths", "text_ids", "image_mask", "audio_mask", "text_mask"):
+    for name in ("image", "audio_features", "audio_feature_lengths", "text_ids", "image_mask", "audio_mask", "text_mask"):
         torch.testing.assert_close(getattr(out_cuda, name).cpu(), getattr(out_cpu, name), atol=2e-3, rtol=1e-3)
     torch.testing.assert_close(out_cuda.labels["digit"].cpu(), out_cpu.labels["digit"], atol=1e-5, rtol=0)
     # a CPU generator gives the same draws whatever the batch's device
@@ -426,18 +426,18 @@ def test_cepstra_are_the_mfccs_of_the_log_mel_and_keep_padding_zero():
     aug = pipeline(audio=audio).eval()
     b = make_batch(4)
     out = aug(b)
-    assert out.audio.shape[1] == 13
+    assert out.audio_features.shape[1] == 13
     mfcc = torchaudio.transforms.MFCC(SR, n_mfcc=13, log_mels=True, melkwargs={
         "n_fft": 256, "win_length": 256, "hop_length": 64, "n_mels": 40, "center": True, "pad_mode": "constant"})
-    full = int(out.audio_lengths[0])  # the first sample has no padding
-    torch.testing.assert_close(out.audio[0, :, :full], mfcc(b.audio[0, : int(b.audio_lengths[0])]), atol=1e-3,
+    full = int(out.audio_feature_lengths[0])  # the first sample has no padding
+    torch.testing.assert_close(out.audio_features[0, :, :full], mfcc(b.audio[0, : int(b.audio_lengths[0])]), atol=1e-3,
                                rtol=1e-4)
-    valid = torch.arange(out.audio.shape[-1]) < out.audio_lengths[:, None]
-    assert (out.audio * ~valid[:, None, :] == 0).all()
+    valid = torch.arange(out.audio_features.shape[-1]) < out.audio_feature_lengths[:, None]
+    assert (out.audio_features * ~valid[:, None, :] == 0).all()
     # trained on them, SpecAugment's frequency masks cover coefficients; the same seed replays
     train = pipeline(audio={**audio, "normalize": "bin"})
     a, b2 = train(b, generator=gen(5)), train(b, generator=gen(5))
-    assert a.audio.shape[1] == 13 and torch.equal(a.audio, b2.audio)
+    assert a.audio_features.shape[1] == 13 and torch.equal(a.audio_features, b2.audio_features)
     with pytest.raises(ConfigError, match="cepstra"):
         AudioConfig(n_mels=40, cepstra=41)
     with pytest.raises(ConfigError, match="warp_p"):

@@ -49,11 +49,11 @@ def test_pipeline_under_bf16_autocast_equals_float32(training, cfg):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         cast = _run(aug, batch, "cpu")
         assert torch.is_autocast_enabled("cpu")  # the caller's region is restored after the pipeline
-    for name in ("image", "audio", "audio_lengths"):
+    for name in ("image", "audio_features", "audio_feature_lengths"):
         a, b = getattr(plain, name), getattr(cast, name)
         assert b.dtype == a.dtype
         assert torch.equal(a, b), name
-    assert cast.image.dtype == cast.audio.dtype == torch.float32
+    assert cast.image.dtype == cast.audio_features.dtype == torch.float32
     assert torch.equal(cast.labels["digit"], plain.labels["digit"])  # soft labels when mixed
 
 
@@ -65,7 +65,7 @@ def test_autocast_would_change_the_output_without_the_guard(cfg):
     plain = aug.apply(batch, aug.make_params(batch, None))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         cast = aug.apply(batch, aug.make_params(batch, None))  # apply bypasses forward's guard
-    assert cast.audio.dtype == torch.bfloat16 and not torch.equal(cast.image, plain.image)
+    assert cast.audio_features.dtype == torch.bfloat16 and not torch.equal(cast.image, plain.image)
 
 
 # ------------------------------------------------------------- copies between host and device

@@ -1,6 +1,6 @@
 """The device-decode path gives the CPU path's images: routing by content, host fallback, one geometry.
 
-``decode_images(batch, "cpu")`` runs the device path's code with torchvision's CPU decoder, so every
+``decode_images(batch, images, "cpu")`` runs the device path's code with torchvision's CPU decoder, so every
 test here compares the two paths on this machine; the ``cuda`` cases run them where a GPU is present.
 """
 
@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mmdata import geometry
-from mmdata.collate import collate
+from mmdata.collate import collate, pack_jpegs
 from mmdata.decode import Decoder, DecodeSpec, decode_rgb, device_jpeg_size, jpeg_frame
 from mmdata.errors import ConfigError, DecodeError
 from mmdata.geometry import MAX_RESIZE_FACTOR, resize_crop
-from mmdata.gpudecode import decode_images
+from mmdata.gpudecode import PackedImages, decode_images
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -81,9 +81,10 @@ def device_path(members: list[dict[str, bytes]], size: tuple[int, int] | None, d
     """The workers route JPEGs undecoded, ``decode_images`` decodes and resizes on ``device``."""
     sp = spec(size, on_device=True)
     dec = Decoder(sp, None)
-    batch = collate([dec(f"k{i}", m) for i, m in enumerate(members)], sp)
-    out = decode_images(batch, device)
-    assert out.image_bytes is None and out.image.device.type == device
+    samples = [dec(f"k{i}", m) for i, m in enumerate(members)]
+    batch = collate(samples, sp)
+    out = decode_images(batch, pack_jpegs(samples, batch), device)
+    assert out.image.device.type == device
     return out.image.cpu()
 
 
@@ -171,13 +172,10 @@ def test_device_decode_falls_back_to_the_host_per_image(device, caplog):
 
     files = [encode(pattern(40, 60)), encode(pattern(40, 60), "PNG"), encode(pattern(40, 60), mode="CMYK"),
              encode(pattern(40, 60), "WEBP", lossless=True)]
-    offsets = np.cumsum([0] + [len(f) for f in files])
     batch = Batch(keys=[f"k{i}" for i in range(4)], image=torch.zeros(4, 3, 20, 24, dtype=torch.uint8),
-                  image_mask=torch.ones(4, dtype=torch.bool),
-                  image_bytes=torch.frombuffer(bytearray(b"".join(files)), dtype=torch.uint8),
-                  image_offsets=torch.from_numpy(offsets), image_size=(20, 24))
+                  image_mask=torch.ones(4, dtype=torch.bool))
     with caplog.at_level("INFO", logger="mmdata.gpudecode"):
-        out = decode_images(batch, device)
+        out = decode_images(batch, PackedImages.pack(files, (20, 24)), device)
     assert "k1" in caplog.text and "k3" in caplog.text  # neither PNG nor WebP is a JPEG to any device decoder
     want = torch.stack([resize_crop(decode_rgb(f), (20, 24)) for f in files])
     assert_same(out.image.cpu(), want, device)
@@ -189,12 +187,11 @@ def test_bytes_no_decoder_reads_still_fail_or_skip():
 
     files = [encode(pattern(8, 8)), b"\xff\xd8\xff" + b"\x00" * 40]
     batch = Batch(keys=["good", "bad"], image=torch.zeros(2, 3, 8, 8, dtype=torch.uint8),
-                  image_mask=torch.ones(2, dtype=torch.bool),
-                  image_bytes=torch.frombuffer(bytearray(b"".join(files)), dtype=torch.uint8),
-                  image_offsets=torch.tensor([0, len(files[0]), len(files[0]) + len(files[1])]), image_size=(8, 8))
+                  image_mask=torch.ones(2, dtype=torch.bool))
+    images = PackedImages.pack(files, (8, 8))
     with pytest.raises(DecodeError, match="bad"):
-        decode_images(batch, "cpu")
-    out = decode_images(batch, "cpu", on_error="skip")
+        decode_images(batch, images, "cpu")
+    out = decode_images(batch, images, "cpu", on_error="skip")
     assert out.image_mask.tolist() == [True, False] and (out.image[1] == 0).all()
 
 

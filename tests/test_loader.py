@@ -1,6 +1,6 @@
 """The loader as a user drives it: values, masks, cover across ranks and workers, errors, transports.
 
-The fixture writes a tiny dataset directly with ShardWriter, a Card and a pyarrow index (no build
+The fixture writes a tiny dataset directly with the build's ShardFile, a Card and a pyarrow index (no build
 step). Sample ``i`` encodes its index everywhere: key ``s0017``, text "sample 17", image pixels = i,
 audio constant i/1000, digit label i % 10; some modalities and labels are absent by rule.
 """
@@ -25,8 +25,9 @@ from mmdata import (
     make_loader,
     open_dataset,
 )
-from mmdata.card import LABEL_PREFIX, Card, ShardInfo, SplitInfo
-from mmdata.format import CARD_NAME, INDEX_NAME, TOKENIZER_DIR, ShardWriter, shard_name
+from mmdata.build.assemble import ShardFile
+from mmdata.card import LABEL_PREFIX, Card, SplitInfo
+from mmdata.format import CARD_NAME, INDEX_NAME, TOKENIZER_DIR, shard_name
 from mmdata.tasks import Task, TaskList
 
 SR = 16000
@@ -85,22 +86,20 @@ def write_dataset(root, shard_sizes=(5, 9, 2, 7), split="train") -> str:
     rows, shards, i = [], [], 0
     for s, n in enumerate(shard_sizes):
         name = shard_name(split, s)
-        with open(os.path.join(root, name), "wb") as f:
-            w = ShardWriter(f)
-            for _ in range(n):
-                m = members_of(i)
-                off, size = w.add(f"s{i:04d}", m)
-                rows.append({"key": f"s{i:04d}", "split": split, "shard": name, "offset": off, "size": size,
-                             "modalities": [k for k, e in (("image", has_image(i)), ("audio", has_audio(i)),
-                                                           ("text", has_text(i))) if e],
-                             "image_width": 8 if has_image(i) else None, "image_height": 8 if has_image(i) else None,
-                             "audio_seconds": audio_len(i) / SR if has_audio(i) else None,
-                             "text_chars": len(f"sample {i}") if has_text(i) else None, "source_id": f"id{i}",
-                             LABEL_PREFIX + "digit": i % 10 if has_digit(i) else None,
-                             LABEL_PREFIX + "score": [i / 10]})
-                i += 1
-            nbytes, sha = w.close()
-        shards.append(ShardInfo(name, n, nbytes, sha))
+        w = ShardFile(name, Path(root) / name)
+        for _ in range(n):
+            m = members_of(i)
+            off, size = w.write_sample(f"s{i:04d}", m)
+            rows.append({"key": f"s{i:04d}", "split": split, "shard": name, "offset": off, "size": size,
+                         "modalities": [k for k, e in (("image", has_image(i)), ("audio", has_audio(i)),
+                                                       ("text", has_text(i))) if e],
+                         "image_width": 8 if has_image(i) else None, "image_height": 8 if has_image(i) else None,
+                         "audio_seconds": audio_len(i) / SR if has_audio(i) else None,
+                         "text_chars": len(f"sample {i}") if has_text(i) else None, "source_id": f"id{i}",
+                         LABEL_PREFIX + "digit": i % 10 if has_digit(i) else None,
+                         LABEL_PREFIX + "score": [i / 10]})
+            i += 1
+        shards.append(w.finish())
     card = Card(modalities={"image": {"formats": ["jpg", "png"]},
                             "audio": {"sample_rate": SR, "channels": 1, "format": "wav"}, "text": {}},
                 tasks=TaskList(TASKS), splits={split: SplitInfo(tuple(shards))})
@@ -282,21 +281,119 @@ def test_jpegs_travel_undecoded_for_the_device(tiny):
     from mmdata.gpudecode import decode_images
 
     cfg = LoaderConfig(decode_images_on="device", image_size=8)
-    dev = next(iter(make_loader(tiny, "train", batch_size=8, shuffle=False, modalities=["image"], config=cfg)))
+    loader = make_loader(tiny, "train", batch_size=8, shuffle=False, modalities=["image"], config=cfg)
+    dev, images = next(loader.iter_packed())
     cpu = next(iter(make_loader(tiny, "train", batch_size=8, shuffle=False, modalities=["image"])))
-    offsets = dev.image_offsets.tolist()
     jpeg_rows = [r for r, k in enumerate(dev.keys) if index_of(k) % 2 == 0 and has_image(index_of(k))]
-    assert [r for r in range(8) if offsets[r + 1] > offsets[r]] == jpeg_rows
+    assert images.rows.tolist() == jpeg_rows
     assert torch.equal(dev.image_mask, cpu.image_mask)
-    assert torch.equal(decode_images(dev, "cpu").image, cpu.image)
+    assert torch.equal(decode_images(dev, images, "cpu").image, cpu.image)
+    with pytest.raises(ConfigError, match="DevicePrefetcher"):  # read directly, its JPEG rows would be zeros
+        iter(loader)
+
+
+@pytest.mark.timeout(120)
+def test_the_prefetcher_is_the_one_decoder_of_the_packed_jpegs(tiny, monkeypatch):
+    """Through a worker, the packed JPEGs ride beside each Batch (never in it) to DevicePrefetcher, whose
+    one decode per batch gives, on the CPU, the CPU loader's images; the transform decodes nothing more."""
+    from dataclasses import fields
+
+    import mmdata.gpudecode as gpudecode
+    import mmdata.prefetch as prefetch
+    from mmdata.augment import AugmentConfig, Pipeline
+    from mmdata.batch import Batch
+
+    decoded, by_prefetcher = [], []
+    real_decode, real_decode_images = gpudecode._decode, prefetch.decode_images
+
+    def spy_decode(datas, *args):  # every JPEG decode, whoever asks
+        decoded.append(len(datas))
+        return real_decode(datas, *args)
+
+    def spy_decode_images(batch, images, *args):
+        by_prefetcher.append(len(images.rows))
+        return real_decode_images(batch, images, *args)
+
+    monkeypatch.setattr(gpudecode, "_decode", spy_decode)
+    monkeypatch.setattr(prefetch, "decode_images", spy_decode_images)
+    kw = dict(batch_size=8, shuffle=False, modalities=["image"], num_workers=1)
+    loader = make_loader(tiny, "train", config=LoaderConfig(decode_images_on="device", image_size=8), **kw)
+    for batch, images in loader.iter_packed():
+        assert isinstance(images, gpudecode.PackedImages) and isinstance(batch, Batch)
+        assert not any(isinstance(getattr(batch, f.name), gpudecode.PackedImages) for f in fields(Batch))
+    aug = Pipeline(AugmentConfig.from_dict({"image": {"size": [8, 8]}})).eval()
+    got = list(prefetch.DevicePrefetcher(loader, "cpu", transform=aug))
+    want = [aug(b) for b in make_loader(tiny, "train", config=LoaderConfig(image_size=8), **kw)]
+    assert [b.keys for b in got] == [b.keys for b in want] and len(got) == len(loader)
+    for g, w in zip(got, want):
+        assert torch.equal(g.image, w.image) and torch.equal(g.image_mask, w.image_mask)
+    assert decoded == by_prefetcher and len(by_prefetcher) == len(loader)  # once per batch, all in the prefetcher
+
+
+def test_iter_is_a_whole_epoch_as_with_a_dataloader(tiny):
+    """Each iter() starts its epoch afresh; a full pass moves to the next epoch; set_epoch picks one."""
+    import itertools
+
+    kw = dict(batch_size=3, seed=4, modalities=["text"], tasks=[])
+    ref = make_loader(tiny, "train", **kw)
+    epochs = [epoch_keys(ref) for _ in range(3)]  # no set_epoch: epochs 0, 1, 2 by themselves
+    assert len({str(e) for e in epochs}) == 3
+    ds = open_dataset(tiny)
+    loader = make_loader(ds, "train", **kw)
+    assert loader.batch_size == 3 and loader.dataset is ds and len(loader) == 8 and loader.sources == ()
+    assert list(next(iter(loader)).keys) == epochs[0][0]  # a peek ...
+    assert epoch_keys(loader) == epochs[0]  # ... eats nothing of the epoch
+    assert epoch_keys(loader) == epochs[1]
+    list(itertools.islice(iter(loader), 3))  # a break mid-epoch: the next pass starts the epoch again
+    assert epoch_keys(loader) == epochs[2]
+    loader.set_epoch(1)
+    assert epoch_keys(loader) == epochs[1] and loader.state_dict()["epoch"] == 2
+
+
+def test_loaded_state_continues_once(tiny):
+    import itertools
+
+    kw = dict(batch_size=3, seed=4, modalities=["text"], tasks=[])
+    ref = make_loader(tiny, "train", **kw)
+    epochs = [epoch_keys(ref) for _ in range(2)]
+    first = make_loader(tiny, "train", **kw)
+    it = iter(first)
+    head = [list(next(it).keys) for _ in range(3)]
+    state = first.state_dict()
+    assert (state["epoch"], state["batches"]) == (0, 3) and head == epochs[0][:3]
+    fresh = make_loader(tiny, "train", **kw)
+    fresh.load_state_dict(state)
+    assert fresh.state_dict()["batches"] == 3  # the position as loaded, until a pass moves it
+    fresh.set_epoch(0)  # a training loop's set_epoch at the top of the resumed epoch keeps the position
+    assert epoch_keys(fresh) == epochs[0][3:] and epoch_keys(fresh) == epochs[1]
+    fresh.load_state_dict(state)
+    list(itertools.islice(iter(fresh), 1))  # the loaded position is used once: the next pass is whole
+    assert epoch_keys(fresh) == epochs[0]
+    fresh.load_state_dict(state)
+    fresh.set_epoch(1)  # another epoch drops the loaded position
+    assert epoch_keys(fresh) == epochs[1]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("persistent", [False, True])
+def test_peek_with_workers_then_the_whole_epoch(tiny, persistent):
+    kw = dict(batch_size=3, seed=4, num_workers=2, modalities=["text"], tasks=[],
+              config=LoaderConfig(persistent_workers=persistent))
+    ref = make_loader(tiny, "train", **kw)
+    epochs = [epoch_keys(ref) for _ in range(2)]
+    loader = make_loader(tiny, "train", **kw)
+    assert list(next(iter(loader)).keys) == epochs[0][0]
+    assert epoch_keys(loader) == epochs[0] and epoch_keys(loader) == epochs[1]
+    ref.close()
+    loader.close()
 
 
 def test_loader_stream_pickles(tiny):
     loader = make_loader(tiny, "train", batch_size=4, seed=2)
     stream = loader.stream()
     copy = pickle.loads(pickle.dumps(stream))
-    a = [b.keys for b, _ in stream]
-    assert a == [b.keys for b, _ in copy] == epoch_keys(loader)
+    a = [b.keys for b, *_ in stream]
+    assert a == [b.keys for b, *_ in copy] == epoch_keys(loader)
 
 
 def test_batch_to_moves_every_tensor(tiny):
@@ -313,10 +410,9 @@ def test_batch_pin_memory_and_to_cuda(tiny):
 
 
 def test_tars_without_card_say_how_to_build(tmp_path):
-    with open(tmp_path / "shard-000000.tar", "wb") as f:
-        w = ShardWriter(f)
-        w.add("a", {"txt": b"x"})
-        w.close()
+    w = ShardFile("shard-000000.tar", tmp_path / "shard-000000.tar")
+    w.write_sample("a", {"txt": b"x"})
+    w.finish()
     with pytest.raises(DatasetNotFoundError, match="--layout webdataset"):
         open_dataset(tmp_path)
 

@@ -102,3 +102,21 @@ def test_tiny_split_pads_every_rank():
     ranks = [rank_batches([2], 0, r, 3, 0, cfg) for r in range(3)]
     assert [len(r) for r in ranks] == [1, 1, 1]
     assert sorted(s for r in ranks for b in r for s in b) == [0, 0, 1]
+
+
+@pytest.mark.parametrize("weights", [(1, 1), (1, 2, 0, 7), (3, 1000, 5)])
+def test_mixture_counts_sum_to_the_epoch_and_track_the_weights_exactly(weights):
+    from fractions import Fraction
+
+    from mmdata.order import Blend, blend_counts, blend_taken
+
+    total = sum(weights)
+    shares = tuple(Fraction(w, total) for w in weights)
+    blend = Blend(tuple((5,) if w else () for w in weights), shares, 337)
+    for epoch in range(60):
+        counts = blend_counts(blend, epoch)
+        assert counts.sum() == 337 and counts.min() >= 0 and all(c == 0 for c, w in zip(counts, weights) if not w)
+        taken = blend_taken(blend, epoch)  # long run: within one sample of epoch * K * share, in exact rationals
+        assert all(abs(t - epoch * 337 * s) < 1 for t, s in zip(taken.tolist(), shares))
+    with pytest.raises(ConfigError, match="less than one sample"):
+        Blend(((5,), (5,)), (Fraction(1, 1000), Fraction(999, 1000)), 337)

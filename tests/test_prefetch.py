@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import io
 
@@ -14,7 +15,7 @@ from PIL import Image
 from mmdata.augment import AugmentConfig, Pipeline
 from mmdata.batch import Batch
 from mmdata.errors import DecodeError
-from mmdata.gpudecode import decode_images
+from mmdata.gpudecode import PackedImages, decode_images
 from mmdata.prefetch import DevicePrefetcher
 
 SIZE = (16, 20)
@@ -29,25 +30,31 @@ def jpeg(i: int, h: int, w: int) -> bytes:
     return buf.getvalue()
 
 
-def packed_batch() -> Batch:
+def packed_batch() -> tuple[Batch, PackedImages]:
     """Rows: 0,1 JPEG of two sizes; 2 a CPU-decoded non-JPEG (no bytes); 3 absent; 4 grayscale JPEG."""
-    files = [jpeg(0, 32, 40), jpeg(1, 16, 20), b"", b"", b""]
+    files = [jpeg(0, 32, 40), jpeg(1, 16, 20), None, None, None]
     gray = io.BytesIO()
     Image.fromarray(np.full((8, 10), 77, np.uint8)).save(gray, format="JPEG", quality=95)
     files[4] = gray.getvalue()
-    offsets = np.cumsum([0] + [len(f) for f in files])
     image = torch.zeros(5, 3, *SIZE, dtype=torch.uint8)
     image[2] = 200  # decoded by the worker
-    return Batch(keys=[f"k{i}" for i in range(5)], image=image,
-                 image_mask=torch.tensor([True, True, True, False, True]),
-                 image_bytes=torch.frombuffer(bytearray(b"".join(files)), dtype=torch.uint8),
-                 image_offsets=torch.from_numpy(offsets), image_size=SIZE,
-                 labels={"y": torch.arange(5)}, label_mask={"y": torch.ones(5, dtype=torch.bool)})
+    batch = Batch(keys=[f"k{i}" for i in range(5)], image=image,
+                  image_mask=torch.tensor([True, True, True, False, True]),
+                  labels={"y": torch.arange(5)}, label_mask={"y": torch.ones(5, dtype=torch.bool)})
+    return batch, PackedImages.pack(files, SIZE)
+
+
+def broken_row_1(images: PackedImages) -> PackedImages:
+    """``images`` with row 1's JPEG broken after its SOI marker."""
+    raw = bytearray(images.data.numpy().tobytes())
+    start, end = int(images.offsets[1]), int(images.offsets[2])  # file 1 is row 1's
+    raw[start:end] = b"\xff\xd8" + b"\x00" * (end - start - 2)
+    return dataclasses.replace(images, data=torch.frombuffer(raw, dtype=torch.uint8))
 
 
 def check_decoded(out: Batch) -> None:
     img = out.image.cpu().int()
-    assert out.image.shape == (5, 3, *SIZE) and out.image.dtype == torch.uint8 and out.image_bytes is None
+    assert out.image.shape == (5, 3, *SIZE) and out.image.dtype == torch.uint8
     for i in (0, 1):  # flat colours survive decode + resize within JPEG error
         expect = torch.tensor([20 * i, 255 - 20 * i, 100]).view(3, 1, 1)
         assert (img[i] - expect).abs().max() <= 4
@@ -57,65 +64,71 @@ def check_decoded(out: Batch) -> None:
 
 
 def test_decode_on_cpu_matches_pillow_and_keeps_rows():
-    check_decoded(decode_images(packed_batch(), "cpu"))
+    check_decoded(decode_images(*packed_batch(), "cpu"))
 
 
 def test_decode_without_bytes_is_a_no_op_and_bad_bytes_name_the_sample():
     b = Batch(keys=["a"], image=torch.zeros(1, 3, 2, 2, dtype=torch.uint8))
-    assert decode_images(b, "cpu") is b
-    bad = packed_batch()
-    raw = bytearray(bad.image_bytes.numpy().tobytes())
-    start, end = int(bad.image_offsets[1]), int(bad.image_offsets[2])
-    raw[start:end] = b"\xff\xd8" + b"\x00" * (end - start - 2)  # row 1 broken after the SOI marker
-    bad.image_bytes = torch.frombuffer(raw, dtype=torch.uint8)
+    assert decode_images(b, None, "cpu") is b
+    assert PackedImages.pack([None, b""], (2, 2)) is None  # no JPEG in the batch: nothing travels
+    bad, images = packed_batch()
     with pytest.raises(DecodeError, match="k1"):
-        decode_images(bad, "cpu")
+        decode_images(bad, broken_row_1(images), "cpu")
 
 
 def test_undecodable_jpeg_under_skip_becomes_an_absent_image(caplog):
     """on_error="skip" (the loader's) marks a bad JPEG's image absent instead of failing the batch."""
-    bad = packed_batch()
-    raw = bytearray(bad.image_bytes.numpy().tobytes())
-    start, end = int(bad.image_offsets[1]), int(bad.image_offsets[2])
-    raw[start:end] = b"\xff\xd8" + b"\x00" * (end - start - 2)
-    bad.image_bytes = torch.frombuffer(raw, dtype=torch.uint8)
+    bad, images = packed_batch()
 
     class SkippingLoader(list):
         on_error = "skip"
 
+        def iter_packed(self):
+            return iter(self)
+
     with caplog.at_level("WARNING"):
-        (out,) = list(DevicePrefetcher(SkippingLoader([bad]), "cpu"))
+        (out,) = list(DevicePrefetcher(SkippingLoader([(bad, broken_row_1(images))]), "cpu"))
     assert "k1" in caplog.text
     assert out.image_mask.tolist() == [True, False, True, False, True]
-    assert (out.image[1] == 0).all() and out.image_bytes is None
-    good = decode_images(packed_batch(), "cpu")
+    assert (out.image[1] == 0).all()
+    good = decode_images(*packed_batch(), "cpu")
     for i in (0, 2, 4):  # the other rows decode as they would in a clean batch
         assert torch.equal(out.image[i], good.image[i])
 
 
-def test_pipeline_decodes_packed_bytes_itself():
+def test_a_batch_holds_no_transport_and_the_pipeline_does_not_decode():
+    """The packed JPEGs are no part of a Batch; the Pipeline augments the rows it is given (the JPEG rows,
+    still zeros before the prefetcher decodes them, stay a constant), and never reads JPEG bytes."""
+    batch, images = packed_batch()
+    assert {f.name for f in dataclasses.fields(Batch)}.isdisjoint(
+        {"image_bytes", "image_offsets", "image_size", "audio_is_features"})
+    moved = batch.to("cpu")
+    assert all(not isinstance(getattr(moved, f.name), PackedImages) for f in dataclasses.fields(Batch))
     aug = Pipeline(AugmentConfig.from_dict({"image": {"size": [8, 8]}})).eval()
-    out = aug(packed_batch())
+    out = aug(batch)
     assert out.image.shape == (5, 3, 8, 8) and out.image.dtype == torch.float32
+    assert torch.equal(out.image[0], out.image[3])  # undecoded row 0 is the zeros of absent row 3
+    decoded = aug(decode_images(batch, images, "cpu"))
+    assert not torch.equal(decoded.image[0], decoded.image[3])
 
 
 class Loader:
-    """A list of batches with a length and a resumable state, like mmdata's loader."""
+    """Batches with their packed JPEGs, a length and a resumable state, like mmdata's loader."""
 
     def __init__(self, n: int):
         self.batches = [packed_batch() for _ in range(n)]
-        for i, b in enumerate(self.batches):
+        for i, (b, _) in enumerate(self.batches):
             b.labels = {"y": b.labels["y"] + 10 * i}
         self.consumed = 0
 
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __iter__(self):
+    def iter_packed(self):
         start = self.consumed
-        for b in self.batches[start:]:
+        for pair in self.batches[start:]:
             self.consumed += 1
-            yield b
+            yield pair
         self.consumed = 0
 
     def state_dict(self) -> dict:
@@ -154,7 +167,7 @@ def test_prefetcher_on_cpu_decodes_transforms_and_keeps_order():
 
 @pytest.mark.gpu
 def test_prefetcher_and_decode_on_cuda():
-    check_decoded(decode_images(packed_batch(), "cuda"))
+    check_decoded(decode_images(*packed_batch(), "cuda"))
     run_prefetcher("cuda")
 
 
@@ -206,8 +219,8 @@ def test_prefetcher_decodes_on_its_side_stream_and_records_on_the_consumer_strea
     streams = RecordingStreams()
     decoded: list[torch.Tensor] = []
 
-    def spy_decode(batch, device, on_error):  # the real decode, noting the stream it ran on
-        out = decode_images(batch, device, on_error)
+    def spy_decode(batch, images, device, on_error):  # the real decode, noting the stream it ran on
+        out = decode_images(batch, images, device, on_error)
         streams.log.append(("decode", streams.active.name))
         decoded.append(out.image)
         return out
@@ -242,14 +255,15 @@ def test_prefetcher_decodes_on_its_side_stream_and_records_on_the_consumer_strea
     assert streams.active is streams.consumer  # the side stream is current only while staging
 
 
-def test_stage_without_decode_or_bytes_does_not_wait_on_the_side_stream():
-    """A batch without JPEG bytes, or decode=False, is only copied: no host wait on the side stream."""
+def test_stage_without_packed_images_does_not_wait_on_the_side_stream():
+    """A batch without packed JPEGs, or from a plain iterable of Batches, is only copied: no host wait."""
     from mmdata.prefetch import stage
 
     streams = RecordingStreams()
     plain = Batch(keys=["a"], image=torch.zeros(1, 3, 2, 2, dtype=torch.uint8))
-    assert stage(plain, torch.device("cpu"), streams, lambda b: b).keys == ["a"]
-    out = stage(packed_batch(), torch.device("cpu"), streams, None)
-    assert out.image_bytes is not None and streams.log == []
-    (b,) = list(DevicePrefetcher([packed_batch()], "cpu", decode=False, streams=streams))
-    assert b.image_bytes is not None and ("sync", "side") not in streams.log
+    assert stage(plain, None, torch.device("cpu"), streams).keys == ["a"]
+    batch, _ = packed_batch()
+    out = stage(batch, None, torch.device("cpu"), streams)
+    assert torch.equal(out.image, batch.image) and streams.log == []
+    (b,) = list(DevicePrefetcher([batch], "cpu", streams=streams))
+    assert torch.equal(b.image, batch.image) and ("sync", "side") not in streams.log

@@ -6,6 +6,8 @@
              workers, decoding with the same functions (image decode + resize, audio decode + crop/pad)
   ours-s3    ours on the same shards uploaded to a loopback S3 server (moto on 127.0.0.1, read through
              s3fs with ranged GETs; see tools/bench_s3.py for the shard-cache row); --no-s3 skips it
+  ours-mix   with --mixture: ours on a Mixture of the dataset with itself, weights 1:1 and as many
+             samples per epoch as the dataset: each source subsampled by half, a source index per row
 
 Datasets: ``--source RAW`` builds a copy of a raw folder (e.g. ../shared/data/avmnist-dev) with
 ``mmdata.build.build_dataset``; without it the script makes a synthetic set (256x256 JPEG + 1 s 16 kHz
@@ -15,6 +17,7 @@ included, runs alternated); the ratio is from the same process.
     python tools/bench_loader.py                                   # synthetic, ~1 min on 2 cores
     python tools/bench_loader.py --source ../shared/data/avmnist-dev --workers 2
     python tools/bench_loader.py --samples 4096 --workers 16 --batch-size 64     # the GPU machine
+    python tools/bench_loader.py --mixture --no-s3                 # mixture vs single-dataset loader
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ def build(source: Path, out: Path, shard_samples: int) -> None:
 
 
 def ours(root, split: str, batch: int, workers: int, size: int, seconds: float) -> int:
+    """Samples of one epoch of make_loader over ``root``: a path, a URL's Dataset or a Mixture."""
     from mmdata import LoaderConfig, make_loader
 
     cfg = LoaderConfig(image_size=size, audio_seconds=seconds, pin_memory=False)
@@ -116,6 +120,8 @@ def main() -> None:
     p.add_argument("--audio-seconds", type=float, default=1.0)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--no-s3", action="store_true", help="skip the loopback S3 row (needs moto[server], s3fs)")
+    p.add_argument("--mixture", action="store_true", help="add the ours-mix row: a Mixture of the dataset with "
+                   "itself, as many samples per epoch")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -140,6 +146,12 @@ def main() -> None:
             ("ours", ours, (str(out), split, args.batch_size, args.workers, args.image_size, args.audio_seconds)),
             ("webdataset", plain_webdataset, (urls, args.batch_size, args.workers, args.image_size, samples)),
         ]
+        if args.mixture:
+            from mmdata import Mixture
+
+            mix = Mixture({"a": out, "b": out}, weights={"a": 1, "b": 1}, samples_per_epoch=ds.num_samples(split))
+            rows.append(("ours-mix", ours, (mix, split, args.batch_size, args.workers, args.image_size,
+                                            args.audio_seconds)))
         server = None
         if not args.no_s3:
             from bench_s3 import start_server  # tools/bench_s3.py, next to this script
@@ -171,6 +183,8 @@ def main() -> None:
         for k in runs:
             print(f"{k:<12}{counts[k]:>14}{med[k]:>30.1f}")
         print(f"ratio ours / webdataset: {med['ours'] / med['webdataset']:.2f}x")
+        if "ours-mix" in med:
+            print(f"ratio ours-mix / ours (mixture of two sources vs one dataset): {med['ours-mix'] / med['ours']:.2f}x")
         if "ours-s3" in med:
             print(f"ratio ours-s3 / ours (loopback S3 vs local files): {med['ours-s3'] / med['ours']:.2f}x")
 

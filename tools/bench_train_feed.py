@@ -172,8 +172,8 @@ def plain_loader(ds, batch: int, workers: int, size: int, epoch: int):
     for x, f, y in loader:
         B = x.shape[0]
         ones = torch.ones(B, dtype=torch.bool)
-        yield Batch(keys=[""] * B, image=x, image_mask=ones, audio=f, audio_mask=ones,
-                    audio_lengths=torch.full((B,), f.shape[-1]), audio_is_features=True,
+        yield Batch(keys=[""] * B, image=x, image_mask=ones, audio_features=f, audio_mask=ones,
+                    audio_feature_lengths=torch.full((B,), f.shape[-1]),
                     labels={"digit": y}, label_mask={"digit": ones})
 
 

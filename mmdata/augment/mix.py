@@ -12,6 +12,9 @@ from ..tasks import TaskList
 from .config import MixConfig
 from .op import Op, Params, bernoulli, uniform
 
+# Audio as a (values, lengths) pair of Batch fields: the loader's waveform, or the Pipeline's features
+AUDIO_FIELDS = (("audio", "audio_lengths"), ("audio_features", "audio_feature_lengths"))
+
 
 def sample_beta(generator: torch.Generator, n: int, alpha: float, device: torch.device, tries: int = 32):
     """(n,) draws of Beta(alpha, alpha) from ``generator`` (Johnk's method, vectorised over ``tries``).
@@ -31,7 +34,7 @@ class Mix(Op):
 
     Params: ``perm`` (B,) partner index; ``lam`` (B,) weight of the sample itself (1: not mixed), for cutmix
     the kept area; ``box`` (B,4) cutmix box y0, y1, x0, x1 in output pixels (empty for mixup). Images are
-    pasted (cutmix) or blended; audio features are blended with ``lam``; text is the sample's own. A
+    pasted (cutmix) or blended; audio (features, or a waveform) is blended with ``lam``; text is the sample's own. A
     modality is mixed only where both samples have it. Labels of every task become float and are blended
     (classification: one-hot -> soft (B,C) targets summing to 1); a mixed pair's label mask is True only
     where both samples have the label.
@@ -87,14 +90,16 @@ class Mix(Op):
             w = torch.where(both & ~cut, lam, 1.0).view(-1, 1, 1, 1)
             blend = w * img + (1 - w) * img[perm]
             changes["image"] = torch.where(inside, img[perm], blend)
-        if batch.audio is not None:
+        for values, lengths in AUDIO_FIELDS:
+            if getattr(batch, values) is None:
+                continue
             both = _mask(batch, "audio") & _mask(batch, "audio")[perm]
             w = torch.where(both, lam, 1.0)
-            a = batch.audio.float()
-            changes["audio"] = w.view(-1, *[1] * (a.dim() - 1)) * a + (1 - w.view(-1, *[1] * (a.dim() - 1))) * a[perm]
-            if batch.audio_lengths is not None:
-                longer = torch.maximum(batch.audio_lengths, batch.audio_lengths[perm])
-                changes["audio_lengths"] = torch.where(w < 1, longer, batch.audio_lengths)
+            a = getattr(batch, values).float()
+            changes[values] = w.view(-1, *[1] * (a.dim() - 1)) * a + (1 - w.view(-1, *[1] * (a.dim() - 1))) * a[perm]
+            n = getattr(batch, lengths)
+            if n is not None:
+                changes[lengths] = torch.where(w < 1, torch.maximum(n, n[perm]), n)
         if self.cfg.mixing:  # labels become float targets whenever mixing is configured, mixed or not
             labels, masks = {}, {}
             for task, y in batch.labels.items():
@@ -155,10 +160,13 @@ class ModalityDropout(Op):
             changes[f"{m}_mask"] = mask.bool() & ~d
             if m == "image" and batch.image is not None:
                 changes["image"] = batch.image * ~d.view(-1, 1, 1, 1)
-            elif m == "audio" and batch.audio is not None:
-                changes["audio"] = batch.audio * ~d.view(-1, *[1] * (batch.audio.dim() - 1))
-                if batch.audio_lengths is not None:
-                    changes["audio_lengths"] = batch.audio_lengths * ~d
+            elif m == "audio":
+                for values, lengths in AUDIO_FIELDS:
+                    a, n = getattr(batch, values), getattr(batch, lengths)
+                    if a is not None:
+                        changes[values] = a * ~d.view(-1, *[1] * (a.dim() - 1))
+                        if n is not None:
+                            changes[lengths] = n * ~d
             elif m == "text" and batch.text_ids is not None:
                 changes["text_ids"] = batch.text_ids.masked_fill(d.unsqueeze(1), self.pad_id)
                 if batch.attention_mask is not None:
@@ -175,15 +183,16 @@ def _mask(batch: Batch, modality: str) -> torch.Tensor:
     """Presence mask (B,) bool; all True when the batch has the tensor but no mask."""
     m = batch.mask(modality)
     if m is None:
-        ref = {"image": batch.image, "audio": batch.audio, "text": batch.text_ids}[modality]
+        audio = batch.audio if batch.audio is not None else batch.audio_features
+        ref = {"image": batch.image, "audio": audio, "text": batch.text_ids}[modality]
         device = ref.device if ref is not None else _device(batch)
         return torch.full((len(batch),), ref is not None, dtype=torch.bool, device=device)
     return m.bool()
 
 
 def _device(batch: Batch) -> torch.device:
-    for t in (batch.image, batch.audio, batch.text_ids, batch.image_mask, batch.audio_mask, batch.text_mask,
-              *batch.labels.values()):
+    for t in (batch.image, batch.audio, batch.audio_features, batch.text_ids, batch.image_mask, batch.audio_mask,
+              batch.text_mask, *batch.labels.values()):
         if t is not None:
             return t.device
     return torch.device("cpu")

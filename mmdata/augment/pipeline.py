@@ -18,7 +18,10 @@ from .text import TextAugment, Tokens
 
 
 class Pipeline(Op):
-    """Augment a loader Batch: images -> float normalised (B,3,H',W'), audio -> log-mel (B,n_mels,F).
+    """Augment a loader Batch: images -> float normalised (B,3,H',W'), waveform -> features (B,n_mels,F).
+
+    The waveform ``audio`` (B,T) is replaced by ``audio_features`` (log-mel or MFCC) with
+    ``audio_feature_lengths`` in frames; ``audio`` and ``audio_lengths`` come out None.
 
     Train mode draws every per-sample parameter from the ``generator`` passed in, in a fixed order
     (image, audio, text, mix, dropout), so a seed replays exactly; ``return_params=True`` returns them
@@ -49,7 +52,7 @@ class Pipeline(Op):
 
     def forward(self, batch: Batch, generator: torch.Generator | None = None, params: Params | None = None,
                 return_params: bool = False):
-        """Return the augmented Batch (and its params with ``return_params``); decodes packed JPEGs first.
+        """Return the augmented Batch (and its params with ``return_params``).
 
         Runs with autocast off for the batch's device, so a caller's autocast region (validation under
         bf16) leaves the output float32 and equal to the one outside it: affine_grid's matmul, the mel
@@ -57,10 +60,6 @@ class Pipeline(Op):
         """
         dev = _device(batch)
         with torch.autocast(dev.type, enabled=False):
-            if batch.image_bytes is not None:
-                from ..gpudecode import decode_images
-
-                batch = decode_images(batch, dev)
             return super().forward(batch, generator=generator, params=params, return_params=return_params)
 
     def make_params(self, batch: Batch, generator: torch.Generator | None) -> Params:
@@ -84,16 +83,14 @@ class Pipeline(Op):
         return params
 
     def apply(self, batch: Batch, params: Params) -> Batch:
-        if batch.image_bytes is not None:
-            raise ConfigError("batch still holds packed JPEG bytes; decode them first with "
-                              "mmdata.gpudecode.decode_images (Pipeline.forward and DevicePrefetcher do)")
         changes: dict = {}
         if batch.image is not None:
             changes["image"] = self.image.apply(batch.image, params["image"])
         audio = self._audio_in(batch)
         if audio is not None:
             out = self._audio_op().apply(audio, params["audio"])
-            changes.update(audio=out.values, audio_lengths=out.lengths, audio_is_features=True)
+            changes.update(audio=None, audio_lengths=None, audio_features=out.values,
+                           audio_feature_lengths=out.lengths)
         tokens = self._tokens_in(batch)
         if tokens is not None:
             out = self.text.apply(tokens, params["text"])
@@ -106,8 +103,8 @@ class Pipeline(Op):
         return out
 
     def _audio_in(self, batch: Batch) -> Audio | None:
-        """The waveform to featurise, or None (no audio, or features already)."""
-        if batch.audio is None or batch.audio_is_features:
+        """The waveform to featurise, or None (no waveform: no audio, or features already)."""
+        if batch.audio is None:
             return None
         lengths = batch.audio_lengths
         if lengths is None:
