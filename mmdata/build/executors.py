@@ -62,6 +62,7 @@ class LocalExecutor:
         self.pool = None
         self.shipping = False
         self.clock = clock  # times the probe window (tests pass a fake one)
+        self._readers: dict[str, int] = {}  # spill file -> descriptor, for reads after packing
 
     def pack(self, jobs: Iterable, ctx: PackContext) -> Iterator[Any]:
         return self.map(functools.partial(pack_record, ctx=ctx), jobs)
@@ -108,11 +109,10 @@ class LocalExecutor:
 
     def read(self, spill: str, offset: int, start: int, size: int) -> bytes:
         """``size`` bytes from ``start`` of the record packed at ``offset`` of ``spill``."""
-        fd = os.open(spill, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            return os.pread(fd, size, offset + start)
-        finally:
-            os.close(fd)
+        fd = self._readers.get(spill)
+        if fd is None:
+            fd = self._readers[spill] = os.open(spill, os.O_RDONLY | os.O_CLOEXEC)
+        return os.pread(fd, size, offset + start)
 
     def store(self, block: bytes, folder: str) -> tuple[str, int]:
         """Append a re-packed record to this process's spill file; return where it lies."""
@@ -125,6 +125,9 @@ class LocalExecutor:
             self.pool.join()
             self.pool = None
         close_spills()
+        for fd in self._readers.values():
+            os.close(fd)
+        self._readers = {}
 
 
 def _write_local(plan: ShardPlan, out: str, fds: dict[str, int], hook) -> ShardInfo:

@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 import os
-from array import array
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -196,51 +195,29 @@ def _build(raws, root: Path, layout: str, out: Path, tmp: Path, config: BuildCon
     if journal:
         log.info("resuming: %d shards kept", len(journal))
 
-    plans = []  # (split, name, records), in the order the shards are listed
-    size = catalog.arrays["size"] + samples.size
-    for split in split_names:
-        order = shuffled(kept[split_of == split], keys, split, config.seed)
-        starts = cut(size[order], config.max_samples, config.max_bytes)
-        for n, (a, b) in enumerate(zip(starts, [*starts[1:], len(order)])):
-            plans.append((split, shard_name(split, n), order[a:b]))
-    spills = [p for p in catalog.spills.values if not p.startswith(RAY_PREFIX)]
-    members: dict[str, list[bytes]] = {}  # each shard's KEY.json members, read once: for its tar and its index rows
-
-    def todo():
-        for _, name, recs in plans:
-            if name not in finished:
-                members[name] = [samples.member(i) for i in recs.tolist()]
-                yield _shard_plan(catalog, name, recs, members[name])
-
-    written = pool.write(todo(), str(out), spills, storage=dest, hook=shard_hook)
+    size = catalog.arrays["size"] + samples.size  # a sample's bytes in its shard
+    plans = _shard_plans(kept, split_of, split_names, keys, size, config)
     index = IndexWriter(out / INDEX_NAME, tasks, samples.meta_types)
-    counts, texts = LabelCounts(tasks), TextSample(config.tokenizer_sample_bytes if config.tokenizer_vocab else 0)
+    counts = LabelCounts(tasks)
     shards: dict[str, list[ShardInfo]] = {s: [] for s in split_names}
     bar = tqdm(total=len(plans), unit="shard", desc="shards", disable=not progress, dynamic_ncols=True)
-    with open(out / JOURNAL, "a", encoding="utf-8") as jf:
-        for split, name, recs in plans:
-            if name in finished:
-                info = shard_of_entry(finished[name])
-            else:
-                info = next(written)
-                journal_shard(jf, split, info)
-            shards[split].append(info)
-            kept_shard = members.pop(name, None) or [samples.member(i) for i in recs.tolist()]
-            jsons = [json.loads(m[BLOCK:].rstrip(b"\0")) for m in kept_shard]
-            for sample in jsons:
-                counts.add(split, sample["labels"])
-            for row in _index_rows(catalog, recs, split, name, size[recs], jsons):
-                index.add(row)
-            if split == "train":
-                texts.take(catalog, recs, pool)
-            bar.update(1)
+    for split, name, recs, info, members in _write_shards(plans, finished, catalog, samples, pool, out, dest):
+        shards[split].append(info)
+        jsons = [json.loads(m[BLOCK:].rstrip(b"\0")) for m in members]
+        for sample in jsons:
+            counts.add(split, sample["labels"])
+        for row in _index_rows(catalog, recs, split, name, size[recs], jsons):
+            index.add(row)
+        bar.update(1)
     bar.close()
     samples.close()
     meta = index.close()
     exts = {e for code in np.unique(catalog.arrays["exts"][kept]).tolist() for e in catalog.exts.values[code]}
     card = finish(out, modalities=modalities_of(exts, settings), tasks=tasks, shards=shards, counts=counts,
                   rejects=sorted(rejects, key=lambda r: (r.source_id, r.reason, r.paths)), num_input=seen,
-                  resolved=resolved, fingerprint=digest.hexdigest(), texts=texts.texts, has_text=bool(texts.ends),
+                  resolved=resolved, fingerprint=digest.hexdigest(),
+                  texts=train_texts(catalog, plans, config.tokenizer_sample_bytes, pool),
+                  has_text=bool((catalog.arrays["text_at"][kept[split_of == "train"]] >= 0).any()),
                   vocab=config.tokenizer_vocab, meta=meta)
     os.remove(out / JOURNAL)
     return card
@@ -285,6 +262,42 @@ def _pack_pass(raws, ctx: PackContext, pool, config: BuildConfig,
     return catalog, stats, rejects, seen
 
 
+def _shard_plans(kept: np.ndarray, split_of: np.ndarray, split_names: list[str], keys: pa.Array, size: np.ndarray,
+                 config: BuildConfig) -> list[tuple[str, str, np.ndarray]]:
+    """(split, shard name, records) of every shard, in the order the card lists them."""
+    plans = []
+    for split in split_names:
+        order = shuffled(kept[split_of == split], keys, split, config.seed)
+        starts = cut(size[order], config.max_samples, config.max_bytes)
+        for n, (a, b) in enumerate(zip(starts, [*starts[1:], len(order)])):
+            plans.append((split, shard_name(split, n), order[a:b]))
+    return plans
+
+
+def _write_shards(plans, finished: dict[str, dict], catalog: Catalog, samples: Samples, pool, out: Path, dest):
+    """Write the shards a resumed build does not keep, journal each; yield every shard in order with its
+    records' ``KEY.json`` members (read once: for its tar and for its index rows)."""
+    members: dict[str, list[bytes]] = {}
+
+    def todo():
+        for _, name, recs in plans:
+            if name not in finished:
+                members[name] = [samples.member(i) for i in recs.tolist()]
+                yield _shard_plan(catalog, name, recs, members[name])
+
+    spills = [p for p in catalog.spills.values if not p.startswith(RAY_PREFIX)]
+    written = pool.write(todo(), str(out), spills, storage=dest, hook=shard_hook)
+    with open(out / JOURNAL, "a", encoding="utf-8") as jf:
+        for split, name, recs in plans:
+            if name in finished:
+                info = shard_of_entry(finished[name])
+                yield split, name, recs, info, [samples.member(i) for i in recs.tolist()]
+                continue
+            info = next(written)
+            journal_shard(jf, split, info)
+            yield split, name, recs, info, members.pop(name)
+
+
 def shard_hook(shard) -> None:
     """Called after each sample a shard gets (a test's place to interrupt a build)."""
 
@@ -312,36 +325,22 @@ def _index_rows(catalog: Catalog, recs: np.ndarray, split: str, shard: str, size
         }
 
 
-class TextSample:
-    """The train split's text, in shard order, up to ``budget`` UTF-8 bytes: what the tokenizer learns from.
+def train_texts(catalog: Catalog, plans, budget: int, pool) -> Iterator[str]:
+    """The train split's texts, in shard order, up to ``budget`` UTF-8 bytes: what the tokenizer learns from.
 
-    Kept as one buffer of UTF-8 bytes and the texts' ends, not as a string per text."""
-
-    def __init__(self, budget: int):
-        self.budget = budget
-        self.buffer = bytearray()
-        self.ends = array("q")
-
-    def take(self, catalog: Catalog, recs: np.ndarray, pool) -> None:
-        a = catalog.arrays
-        for i in recs.tolist():
-            if self.budget <= 0:
+    Read from the spill files as the tokenizer asks for them: none is held."""
+    a = catalog.arrays
+    for split, _, recs in plans:
+        if split != "train":
+            continue
+        for i in recs[a["text_at"][recs] >= 0].tolist():
+            if budget <= 0:
                 return
-            if a["text_at"][i] < 0:
-                continue
             path = catalog.spills.values[a["spill"][i]]
             data = pool.read(path, int(a["offset"][i]), int(a["text_at"][i]), int(a["text_bytes"][i]))
-            data = data[: self.budget].decode("utf-8", "ignore").encode("utf-8")  # cut at a character
-            self.budget -= len(data) or 1
-            self.buffer += data
-            self.ends.append(len(self.buffer))
-
-    @property
-    def texts(self) -> Iterator[str]:
-        start = 0
-        for end in self.ends:
-            yield self.buffer[start:end].decode("utf-8")
-            start = end
+            text = data[:budget].decode("utf-8", "ignore")  # cut at a character
+            budget -= len(text.encode("utf-8")) or 1
+            yield text
 
 
 def media_settings(config: BuildConfig) -> MediaSettings:
