@@ -9,7 +9,7 @@ import torch
 import torchaudio
 
 from .config import AudioConfig
-from .op import Op, Params, bernoulli, normal, uniform
+from .op import Op, Params, bernoulli, normal, sometimes_uniform, uniform
 
 
 class Audio(NamedTuple):
@@ -32,11 +32,7 @@ class Gain(Op):
         self.p, self.range = cfg.gain_p, cfg.gain_db
 
     def make_params(self, x: Audio, generator: torch.Generator | None) -> Params:
-        B, dev = x.values.shape[0], x.values.device
-        if not self.training:
-            return {"gain_db": torch.zeros(B, device=dev)}
-        on = bernoulli(generator, (B,), self.p, device=dev)
-        return {"gain_db": torch.where(on, uniform(generator, (B,), *self.range, device=dev), 0.0)}
+        return {"gain_db": sometimes_uniform(self, generator, x.values.shape[0], self.p, *self.range, x.values.device)}
 
     def apply(self, x: Audio, params: Params) -> Audio:
         gain = torch.pow(10.0, params["gain_db"].to(x.values.dtype) / 20).unsqueeze(1)  # (B,1)
@@ -54,11 +50,8 @@ class TimeShift(Op):
         self.p, self.max = cfg.shift_p, cfg.shift_max
 
     def make_params(self, x: Audio, generator: torch.Generator | None) -> Params:
-        B, dev = x.values.shape[0], x.values.device
-        if not self.training:
-            return {"shift": torch.zeros(B, device=dev)}
-        on = bernoulli(generator, (B,), self.p, device=dev)
-        return {"shift": torch.where(on, uniform(generator, (B,), -self.max, self.max, device=dev), 0.0)}
+        return {"shift": sometimes_uniform(self, generator, x.values.shape[0], self.p, -self.max, self.max,
+                                           x.values.device)}
 
     def apply(self, x: Audio, params: Params) -> Audio:
         B, T = x.values.shape

@@ -39,6 +39,15 @@ class Op(nn.Module):
         return (out, params) if return_params else out
 
 
+def sometimes_uniform(op: Op, generator: torch.Generator | None, n: int, p: float, low: float, high: float,
+                      device: torch.device) -> torch.Tensor:
+    """(n,) per-sample values: with probability ``p`` uniform in [low, high), else 0; always 0 in eval mode."""
+    if not op.training:
+        return torch.zeros(n, device=device)
+    on = bernoulli(generator, (n,), p, device=device)
+    return torch.where(on, uniform(generator, (n,), low, high, device=device), 0.0)
+
+
 def need_generator(generator: torch.Generator | None, who: str) -> torch.Generator:
     if generator is None:
         raise ConfigError(f"{who}: random augmentation needs generator=torch.Generator(); "
