@@ -10,7 +10,6 @@ Shards are cut greedily: a shard closes before the sample that would make it hol
 from __future__ import annotations
 
 import hashlib
-import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,11 +144,18 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def _sha256(fd: int, size: int) -> str:
+    """sha256 of a file's first ``size`` bytes, read a step at a time into one buffer (an mmap would count the
+    whole shard in the process's resident memory)."""
     h = hashlib.sha256()
-    if size:
-        with mmap.mmap(fd, size, prot=mmap.PROT_READ) as m, memoryview(m) as view:
-            for i in range(0, size, HASH_STEP):
-                h.update(view[i:i + HASH_STEP])
+    buf = bytearray(min(HASH_STEP, size))
+    view = memoryview(buf)
+    pos = 0
+    while pos < size:
+        n = os.preadv(fd, [view[:min(HASH_STEP, size - pos)]], pos)
+        if n <= 0:
+            raise OSError(f"shard ended at byte {pos} of {size} while hashed")
+        h.update(view[:n])
+        pos += n
     return h.hexdigest()
 
 
