@@ -187,6 +187,9 @@ def check_record(raw: RawRecord, *, real_root: Path, config: BuildConfig) -> dic
         elif ref.container is not None:  # a member of a shard or the spool: its size declared there
             size = ref.size or 0
             media[modality] = ref
+        elif ref.real is not None:  # checked by discovery
+            size = ref.size or 0
+            media[modality] = MediaRef(ref.ext, path=ref.real, size=size)
         else:
             where, size, problem = locate(ref.path or "", real_root)
             if problem:

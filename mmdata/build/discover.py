@@ -6,6 +6,7 @@ import io
 import logging
 import os
 import re
+import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -283,8 +284,21 @@ def _folder_record(d: os.DirEntry, rel_dir: str, split: str | None, real_root: P
             rec.problems.append(("unsupported_format", f"{d.name}: more than one {modality} file "
                                  f"({rec.media[modality].path}, {rel}); keep one per sample folder"))
             continue
-        rec.media[modality] = MediaRef(ext, path=rel)
+        rec.media[modality] = _folder_file(f, ext, rel, linked)
     return rec
+
+
+def _folder_file(f: os.DirEntry, ext: str, rel: str, linked: bool) -> MediaRef:
+    """A sample folder's file; when no link leads to it, a regular file is inside the root for certain, so
+    its check is done here from one lstat (``real`` and ``size`` set); anything else is located later."""
+    if not linked and not f.is_symlink():  # d_type from the listing: no stat
+        try:
+            st = f.stat(follow_symlinks=False)
+        except OSError:
+            return MediaRef(ext, path=rel)
+        if stat.S_ISREG(st.st_mode):
+            return MediaRef(ext, path=rel, size=st.st_size, real=f.path)
+    return MediaRef(ext, path=rel)
 
 
 def _from_stems(root: Path, config: BuildConfig, skip: str | None = None) -> list[RawRecord]:

@@ -22,6 +22,7 @@ class MediaRef:
     size: int | None = None  # bytes, once checked (a member's: declared by its container)
     container: str | None = None  # a member's bytes lie in this file (a tar, a spool) at ``offset``
     offset: int | None = None
+    real: str | None = None  # the file's path once discovery has checked it (a regular file inside the root)
 
 
 @dataclass
