@@ -244,7 +244,8 @@ def _pack_pass(raws, ctx: PackContext, pool, config: BuildConfig,
             pending.append((raw, key))
             yield raw, key
 
-    bar = tqdm(unit="rec", desc="pack", disable=not progress, dynamic_ncols=True)
+    total = len(raws) if hasattr(raws, "__len__") else None  # a streamed input's count is known at its end
+    bar = tqdm(total=total, unit="rec", desc="pack", disable=not progress, dynamic_ncols=True)
     try:
         for result in pool.pack(jobs(), ctx):
             raw, key = pending.popleft()
