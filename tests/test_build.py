@@ -304,6 +304,34 @@ def test_local_executor_ships_only_work_that_pays_for_it(seconds, shipped):
     assert (set(pids[PROBE_WINDOW:]) != {os.getpid()}) == shipped
 
 
+def test_shipped_jobs_are_read_at_most_a_window_ahead(monkeypatch):
+    """The pool's feeding thread must not read a whole manifest ahead: memory stays bounded."""
+    import itertools
+    import time
+
+    from mmdata.build import executors
+
+    monkeypatch.setattr(executors, "SHIP_WINDOW", 32)
+    pulled = [0]
+
+    def jobs():
+        for i in range(400):
+            pulled[0] += 1
+            yield i
+
+    ticks = itertools.count()
+    ex = executors.LocalExecutor(workers=2, clock=lambda: next(ticks) * 0.002)  # every job "slow": shipped
+    try:
+        results = ex.map(abs, jobs())
+        got = [next(results) for _ in range(executors.PROBE_WINDOW + 10)]
+        time.sleep(0.5)  # let the feeding thread run as far as it may
+        assert pulled[0] <= executors.PROBE_WINDOW + 10 + 32 + 1  # taken + the window (+ one waiting), not 400
+        got += list(results)
+    finally:
+        ex.close()
+    assert got == list(range(400)) and pulled[0] == 400
+
+
 def test_read_file_reads_to_the_end_whatever_the_size_hint_but_never_past_its_limit(tmp_path):
     import os
 

@@ -22,6 +22,7 @@ import itertools
 import logging
 import multiprocessing
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -40,6 +41,8 @@ EXECUTORS = ("local", "ray")
 RAY_CHUNK = 64  # records per Ray pack task
 PROBE_WINDOW = 64  # jobs timed in the main process before deciding where the next ones run
 SHIP_ABOVE = 300e-6  # seconds a job must take to be worth shipping to a worker process
+SHIP_WINDOW = 4096  # jobs shipped ahead of the results taken
+SHIP_CHUNK = 16  # jobs per message to a worker
 RAY_PREFIX = "ray:"  # a Packed.spill that names a Ray chunk; its offset is the record's place in the chunk
 
 
@@ -63,6 +66,7 @@ class LocalExecutor:
         self.shipping = False
         self.clock = clock  # times the probe window (tests pass a fake one)
         self._readers: dict[str, int] = {}  # spill file -> descriptor, for reads after packing
+        self._stop = threading.Event()  # tells the pool's feeding thread to give up (close, an error)
 
     def pack(self, jobs: Iterable, ctx: PackContext) -> Iterator[Any]:
         return self.map(functools.partial(pack_record, ctx=ctx), jobs)
@@ -85,7 +89,24 @@ class LocalExecutor:
                 self.shipping = True
         if self.pool is None:
             self.pool = multiprocessing.get_context("fork").Pool(self.workers)
-        yield from self.pool.imap(fn, jobs, chunksize=16)
+        # The pool's feeding thread would read every job ahead (a whole manifest's records in memory):
+        # it may run at most SHIP_WINDOW jobs ahead of the results taken.
+        window = threading.BoundedSemaphore(max(SHIP_WINDOW, 2 * SHIP_CHUNK))
+        stop = self._stop = threading.Event()
+
+        def fed():
+            for job in jobs:
+                while not window.acquire(timeout=0.1):
+                    if stop.is_set():
+                        return
+                yield job
+
+        try:
+            for result in self.pool.imap(fn, fed(), chunksize=SHIP_CHUNK):
+                window.release()
+                yield result
+        finally:
+            stop.set()
 
     def write(self, shards: Iterable[ShardPlan], out: str, spills: list[str], storage=None,
               hook: Callable[[ShardFile], None] | None = None) -> Iterator[ShardInfo]:
@@ -120,6 +141,7 @@ class LocalExecutor:
         return spill.path, spill.append(block)
 
     def close(self) -> None:
+        self._stop.set()  # before terminate, which waits for the feeding thread
         if self.pool is not None:
             self.pool.terminate()
             self.pool.join()
