@@ -91,19 +91,19 @@ class LocalExecutor:
             self.pool = multiprocessing.get_context("fork").Pool(self.workers)
         # The pool's feeding thread would read every job ahead (a whole manifest's records in memory):
         # it may run at most SHIP_WINDOW jobs ahead of the results taken.
-        window = threading.BoundedSemaphore(max(SHIP_WINDOW, 2 * SHIP_CHUNK))
+        ahead = threading.BoundedSemaphore(max(SHIP_WINDOW, 2 * SHIP_CHUNK))
         stop = self._stop = threading.Event()
 
         def fed():
             for job in jobs:
-                while not window.acquire(timeout=0.1):
+                while not ahead.acquire(timeout=0.1):
                     if stop.is_set():
                         return
                 yield job
 
         try:
             for result in self.pool.imap(fn, fed(), chunksize=SHIP_CHUNK):
-                window.release()
+                ahead.release()
                 yield result
         finally:
             stop.set()
