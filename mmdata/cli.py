@@ -16,7 +16,9 @@ import traceback
 
 from .errors import MmdataError
 
-# subcommand -> module exposing add_arguments(parser) and run(args) -> int exit status
+# subcommand -> (where its add_arguments(parser) and run(args) -> int live, help): a module, or
+# "module:name" for an object in it. Only the module of the subcommand being run is imported, so
+# `mmdata --help` stays light (no torch).
 COMMANDS = {
     "build": ("mmdata.build.command", "turn raw folders, manifests or tars into a sharded dataset"),
     "info": ("mmdata.info", "summarise a dataset from its card and index"),
@@ -40,21 +42,42 @@ def _common_options() -> argparse.ArgumentParser:
 
 
 def make_parser(prog: str, description: str, commands: dict[str, tuple[str, str]],
-                version: str) -> argparse.ArgumentParser:
-    """A parser whose subcommands are modules exposing add_arguments(parser) and run(args)."""
+                version: str, argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """A parser whose subcommands expose add_arguments(parser) and run(args); ``argv`` picks the one to import.
+
+    Only the subcommand named in ``argv`` (sys.argv by default) gets its arguments, and only its module is
+    imported: the others are listed by name and help text.
+    """
     common = _common_options()
     parser = argparse.ArgumentParser(prog=prog, description=description, parents=[common],
                                      epilog="exit status: 0 ok, 1 the data failed a check, 2 usage or config "
                                             "error, 3 internal error")
     parser.add_argument("--version", action="version", version=f"{prog} {version}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_text) in commands.items():
-        mod = importlib.import_module(module)
+    chosen = _chosen(commands, sys.argv[1:] if argv is None else argv)
+    for name, (target, help_text) in commands.items():
+        if name != chosen:
+            sub.add_parser(name, help=help_text, parents=[common])
+            continue
+        command = _load(target)
         p = sub.add_parser(name, help=help_text, parents=[common],
-                           description=(mod.__doc__ or help_text).strip().splitlines()[0])
-        mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+                           description=(command.__doc__ or help_text).strip().splitlines()[0])
+        command.add_arguments(p)
+        p.set_defaults(_run=command.run)
     return parser
+
+
+def _chosen(commands: dict[str, tuple[str, str]], argv: list[str]) -> str | None:
+    """The subcommand ``argv`` names: its first word that is not an option (the global ones take no value)."""
+    first = next((a for a in argv if not a.startswith("-")), None)
+    return first if first in commands else None
+
+
+def _load(target: str):
+    """The module ``target`` names, or the object ``name`` in it for ``module:name``."""
+    module, _, name = target.partition(":")
+    mod = importlib.import_module(module)
+    return getattr(mod, name) if name else mod
 
 
 def run_cli(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
@@ -126,16 +149,16 @@ def _json_object(text: str) -> dict:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     from . import __version__
 
     return make_parser(
         "mmdata", "Build, inspect and verify aligned multimodal datasets (image + audio + text, several tasks).",
-        COMMANDS, __version__)
+        COMMANDS, __version__, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(build_parser(), argv)
+    return run_cli(build_parser(argv), argv)
 
 
 if __name__ == "__main__":

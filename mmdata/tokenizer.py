@@ -79,6 +79,14 @@ def load_tokenizer(source: str | Path | bytes):
 
 
 def encode(tok, text: str, max_tokens: int) -> list[int]:
-    """Token ids of ``text`` as ``[CLS] ... [SEP]``, truncated to ``max_tokens``."""
-    ids = tok.encode(text, add_special_tokens=False).ids[: max(0, max_tokens - 2)]
-    return [CLS_ID, *ids, SEP_ID]
+    """Token ids of ``text`` as ``[CLS] ... [SEP]``, truncated to ``max_tokens``.
+
+    A tokenizer that brings its own special tokens (a Hugging Face tokenizer.json has a post-processor:
+    BERT's ``[CLS] ... [SEP]``, RoBERTa's ``<s> ... </s>``) adds those, with its own ids; ours has none.
+    """
+    enc = tok.encode(text, add_special_tokens=False)
+    if tok.post_processor is None:
+        return [CLS_ID, *enc.ids[: max(0, max_tokens - 2)], SEP_ID]
+    enc.truncate(max(0, max_tokens - tok.post_processor.num_special_tokens_to_add(False)))
+    out = tok.post_process(enc)  # pads too, if the file asks to: the loader pads, so padding is left out
+    return [i for i, keep in zip(out.ids, out.attention_mask) if keep]

@@ -10,9 +10,11 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
+    "TrainConfig": "config",
+    "load_config": "config",
     "ModelConfig": "model",
-    "FusionConfig": "model",
     "MultiTaskModel": "model",
+    "FusionConfig": "fusion",
     "FUSIONS": "fusion",
     "task_losses": "losses",
     "Weighting": "weighting",
@@ -22,6 +24,8 @@ _EXPORTS = {
     "delta_m": "metrics",
     "selection_score": "metrics",
     "HIGHER_IS_BETTER": "metrics",
+    "train": "train",
+    "evaluate_run": "evaluate",
 }
 
 __all__ = sorted(_EXPORTS)

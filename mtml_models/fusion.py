@@ -9,17 +9,46 @@ task outputs instead.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from mmdata.errors import ConfigError
 
-if TYPE_CHECKING:
-    from .model import FusionConfig
-
 FUSIONS = ("concat", "late", "attention", "gated", "tensor", "transformer")
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    SHORTHAND: ClassVar[str] = "name"  # `fusion: late` in a config means {name: late}
+
+    name: str = "concat"  # one of FUSIONS
+    rank: int = 4  # tensor: rank of the factors
+    out_dim: int | None = None  # tensor: output width (default embed_dim)
+    heads: int = 4  # transformer
+    layers: int = 1  # transformer
+    late_weights: str | dict[str, float] = "mean"  # late: "mean", "learned", or fixed {modality: weight}
+    # late: the tasks each modality's branch predicts, {modality: [task, ...]}; a modality not named
+    # predicts every task. A branch learns a task only from samples that have both, so training on a
+    # mixture fills this in from the data (images labelled with parity, speech without: the audio branch
+    # has no parity head and the image branch alone decides parity). null: every branch, every task.
+    branch_tasks: dict[str, tuple[str, ...]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.name not in FUSIONS:
+            raise ConfigError(f"model.fusion.name must be one of {list(FUSIONS)}, got {self.name!r}")
+        if self.branch_tasks is not None:
+            if self.name != "late":
+                raise ConfigError(f"model.fusion.branch_tasks needs late fusion (each modality's own heads), "
+                                  f"got model.fusion.name {self.name!r}; set it to null")
+            bad = {m: v for m, v in self.branch_tasks.items() if isinstance(v, str) or not isinstance(v, (list, tuple))
+                   or not v or not all(isinstance(t, str) for t in v)}
+            if bad:
+                raise ConfigError(f"model.fusion.branch_tasks gives each modality a non-empty list of task names, "
+                                  f"got {bad}")
+            object.__setattr__(self, "branch_tasks", {m: tuple(v) for m, v in self.branch_tasks.items()})
 
 
 def _stack(feats: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
@@ -160,16 +189,21 @@ class LateFusion(nn.Module):
 
     ``weights="mean"`` weighs every modality alike; a mapping such as ``{"audio": 0.5}`` fixes a
     modality's weight (unnamed ones weigh 1), for a modality known to generalise worse; ``"learned"``
-    keeps one logit per (task, modality), the weights a softmax over the present modalities. Weights
+    keeps one logit per (task, modality), the weights a softmax over the present modalities (with
+    ``branch_tasks``, one per (task, modality that predicts it), for tasks two or more predict). Weights
     are renormalised over what is present, so a sample with one modality gets that modality's output
-    unchanged; a sample with none gets zeros.
+    unchanged; a sample with none gets zeros. With ``branch_tasks`` a task's mean is over the present
+    modalities whose branch predicts it (``outputs[m]`` holds only those tasks).
     """
 
-    def __init__(self, modalities: tuple[str, ...], tasks: list[str], weights: str | dict[str, float] = "mean"):
+    def __init__(self, modalities: tuple[str, ...], tasks: list[str], weights: str | dict[str, float] = "mean",
+                 branch_tasks: dict[str, tuple[str, ...]] | None = None):
         super().__init__()
         self.modalities = modalities
         self.tasks = list(tasks)
-        self.logits = None
+        self.voters = branch_voters(modalities, self.tasks, branch_tasks)
+        self.logits = None  # (T, M), learned weights without branch_tasks
+        self.task_logits = None  # {task: (M_t,)}, learned weights with branch_tasks
         fixed = torch.ones(len(modalities))
         if isinstance(weights, dict):
             unknown = sorted(set(weights) - set(modalities))
@@ -178,8 +212,12 @@ class LateFusion(nn.Module):
                 raise ConfigError(f"model.fusion.late_weights {weights!r}: give a positive weight per modality of "
                                   f"{list(modalities)}")
             fixed = torch.tensor([float(weights.get(m, 1.0)) for m in modalities])
-        elif weights == "learned":
+        elif weights == "learned" and branch_tasks is None:
             self.logits = nn.Parameter(torch.zeros(len(tasks), len(modalities)))
+        elif weights == "learned":  # a logit per branch that predicts the task, where two or more do
+            counts = [len(modalities) if v is None else len(v) for v in self.voters]
+            self.task_logits = nn.ParameterDict({task: nn.Parameter(torch.zeros(n)) for task, n in
+                                                zip(self.tasks, counts) if n > 1})
         elif weights != "mean":
             raise ConfigError(f"model.fusion.late_weights must be 'mean', 'learned' or a mapping such as "
                               f"{{audio: 0.5}}, got {weights!r}")
@@ -188,18 +226,45 @@ class LateFusion(nn.Module):
     def forward(self, outputs: dict[str, dict[str, torch.Tensor]],
                 masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """outputs[modality][task]: (B, C) -> {task: (B, C)}."""
-        mask = torch.stack([masks[m].bool() for m in self.modalities], dim=1)  # (B, M)
+        everyone = torch.stack([masks[m].bool() for m in self.modalities], dim=1)  # (B, M)
         combined = {}
         for t, task in enumerate(self.tasks):
-            y = torch.stack([outputs[m][task] for m in self.modalities], dim=1)  # (B, M, C)
+            voters = self.voters[t]  # None: every modality's branch predicts the task
+            mask, fixed = everyone, self.fixed
+            logits = None if self.logits is None else self.logits[t]  # (M,)
+            if voters is not None:  # only the branches that have the task: (B, M_t), (M_t,)
+                mask, fixed = everyone[:, voters], fixed[voters]
+            if self.task_logits is not None and task in self.task_logits:  # a lone voter weighs 1: no logit
+                logits = self.task_logits[task]
+            y = torch.stack([outputs[self.modalities[i]][task] for i in voters or range(len(self.modalities))],
+                            dim=1)  # (B, M_t, C)
             y = torch.where(mask[..., None], y, torch.zeros((), dtype=y.dtype, device=y.device))
-            if self.logits is None:
-                w = mask.to(y.dtype) * self.fixed.to(y.dtype)  # (B, M)
+            if logits is None:
+                w = mask.to(y.dtype) * fixed.to(y.dtype)  # (B, M_t)
                 w = w / w.sum(1, keepdim=True).clamp_min(1e-12)
             else:
-                w = masked_softmax(self.logits[t].to(y.dtype).expand_as(mask), mask, dim=1)  # (B, M)
+                w = masked_softmax(logits.to(y.dtype).expand_as(mask), mask, dim=1)  # (B, M_t)
             combined[task] = (w.unsqueeze(-1) * y).sum(1)  # (B, C)
         return combined
+
+
+def branch_voters(modalities: tuple[str, ...], tasks: list[str],
+                  branch_tasks: dict[str, tuple[str, ...]] | None) -> list[list[int] | None]:
+    """Per task, the indices of the modalities whose branch predicts it; None where every one does."""
+    branch_tasks = branch_tasks or {}
+    unknown = sorted(set(branch_tasks) - set(modalities))
+    strangers = sorted({t for ts in branch_tasks.values() for t in ts} - set(tasks))
+    if unknown or strangers:
+        raise ConfigError(f"model.fusion.branch_tasks names modalities {unknown} and tasks {strangers} the model "
+                          f"lacks; it has modalities {list(modalities)} and tasks {tasks}")
+    out: list[list[int] | None] = []
+    for task in tasks:
+        voters = [i for i, m in enumerate(modalities) if task in branch_tasks.get(m, tasks)]
+        if not voters:
+            raise ConfigError(f"model.fusion.branch_tasks gives task {task!r} to no modality's branch; "
+                              f"add it to one of {list(modalities)}")
+        out.append(None if len(voters) == len(modalities) else voters)
+    return out
 
 
 def build_fusion(cfg: FusionConfig, modalities: tuple[str, ...], dim: int, dropout: float = 0.0) -> nn.Module:

@@ -9,6 +9,7 @@ the loss, with ``torch.where``, so they cannot poison the gradient.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -91,3 +92,39 @@ def task_losses(outputs: dict[str, torch.Tensor], batch: Batch, tasks: Iterable[
             mean, std = stats.get(name, (None, None))
             losses[name] = regression_loss(out, target, mask, mean, std, kind=regression)
     return losses
+
+
+def step_losses(outputs, batch: Batch, tasks: Iterable[Task], target_stats, *, fused: float = 1.0,
+                aux: float = 0.0) -> dict[str, torch.Tensor]:
+    """Per-task training losses: ``fused`` x the model output's + ``aux`` x each modality's own.
+
+    ``outputs`` is what the model returned: ``{task: output}``, or with ``aux`` the pair
+    (outputs, parts) of ``model(batch, parts=True)``. ``fused=0`` trains late fusion's branches
+    independently: each modality learns only from its own loss, an ensemble in one model.
+    """
+    parts = None
+    if aux:
+        outputs, parts = outputs
+    if fused == 0:  # not even computed: nothing from the fused output reaches a gradient
+        zero = next(iter(outputs.values())).new_zeros((), dtype=torch.float32)
+        losses = {task.name: zero for task in tasks}
+    else:
+        losses = task_losses({k: v.float() for k, v in outputs.items()}, batch, tasks, target_stats=target_stats)
+        if fused != 1.0:
+            losses = {task: fused * value for task, value in losses.items()}
+    if parts is not None:
+        add_aux_losses(losses, parts, batch, tasks, target_stats, aux)
+    return losses
+
+
+def add_aux_losses(losses: dict[str, torch.Tensor], parts: dict[str, dict[str, torch.Tensor]], batch: Batch,
+                   tasks: Iterable[Task], target_stats, weight: float) -> None:
+    """Add each modality's own masked task losses, counted only on samples where it is present."""
+    for modality, outputs in parts.items():
+        present = batch.mask(modality)
+        if present is None:
+            continue
+        alone = replace(batch, label_mask={t: m & present for t, m in batch.label_mask.items()})
+        for task, value in task_losses({k: v.float() for k, v in outputs.items()}, alone, tasks,
+                                       target_stats=target_stats).items():
+            losses[task] = losses[task] + weight * value

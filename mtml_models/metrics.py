@@ -221,3 +221,14 @@ def selection_score(metrics: dict[str, dict[str, float]], select: str = "delta_m
     if task not in metrics or name not in metrics[task]:
         raise ConfigError(f"cannot select by {select!r}; available: delta_m, {sorted(flatten(metrics))}")
     return metric_direction(name) * metrics[task][name]
+
+
+def check_select(select: str, tasks: Iterable[Task]) -> None:
+    """Fail before training, not after the first epoch, when ``select`` names no metric of ``tasks``."""
+    if select == "delta_m":
+        return
+    names = [t.name for t in tasks]
+    task, _, metric = select.partition("/")
+    if task not in names or metric not in HIGHER_IS_BETTER:
+        raise ConfigError(f"select={select!r} names no metric; use 'delta_m' or '<task>/<metric>' with a task in "
+                          f"{names} and a metric in {sorted(HIGHER_IS_BETTER)}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,46 +13,10 @@ from mmdata.batch import MODALITIES, Batch
 from mmdata.errors import ConfigError
 from mmdata.tasks import Task, TaskList
 
-from .encoders import build_encoder, encoder_inputs
-from .fusion import FUSIONS, LateFusion, build_fusion
+from . import schema
+from .encoders import AudioEncoderConfig, ImageEncoderConfig, TextEncoderConfig, build_encoder, encoder_inputs
+from .fusion import FusionConfig, LateFusion, build_fusion
 from .heads import TargetScaler, TaskHeads, Trunk
-
-
-@dataclass(frozen=True)
-class ImageConfig:
-    kind: str = "cnn"  # "cnn" (small images) or "resnet18" (random init)
-    width: int = 32  # cnn: channels of the first block, doubled per block
-    depth: int = 3  # cnn: conv blocks, each halving the image size
-    norm: str = "group"  # "group" (per sample) or "batch"
-
-
-@dataclass(frozen=True)
-class AudioConfig:
-    kind: str = "cnn"
-    n_mels: int = 64  # must match the augmentation pipeline's feature bins (its cepstra, else its n_mels)
-    width: int = 64
-    depth: int = 3
-    frames: int | None = None  # resample each clip's valid frames to this many (speaking-rate invariance)
-
-
-@dataclass(frozen=True)
-class TextConfig:
-    kind: str = "bag"  # "bag" (mean-pooled embeddings) or "bert" (small BertModel, local config)
-    vocab_size: int | None = None  # the tokenizer's vocabulary size; required when text is used
-    hidden: int = 64
-    layers: int = 2
-    heads: int = 2
-    max_length: int = 128
-
-
-@dataclass(frozen=True)
-class FusionConfig:
-    name: str = "concat"  # one of fusion.FUSIONS
-    rank: int = 4  # tensor: rank of the factors
-    out_dim: int | None = None  # tensor: output width (default embed_dim)
-    heads: int = 4  # transformer
-    layers: int = 1  # transformer
-    late_weights: str | dict[str, float] = "mean"  # late: "mean", "learned", or fixed {modality: weight}
 
 
 @dataclass(frozen=True)
@@ -62,62 +25,34 @@ class ModelConfig:
 
     modalities: tuple[str, ...] = ("image", "audio")
     embed_dim: int = 128
-    image: ImageConfig = field(default_factory=ImageConfig)
-    audio: AudioConfig = field(default_factory=AudioConfig)
-    text: TextConfig = field(default_factory=TextConfig)
+    image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    audio: AudioEncoderConfig = field(default_factory=AudioEncoderConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     trunk_depth: int = 1
     trunk_width: int = 256
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
-        mods = tuple(self.modalities)
+        mods = (self.modalities,) if isinstance(self.modalities, str) else tuple(self.modalities)
         object.__setattr__(self, "modalities", mods)
         if not mods or len(set(mods)) != len(mods) or not set(mods) <= set(MODALITIES):
             raise ConfigError(f"model.modalities must be a non-empty list of distinct names from "
                               f"{list(MODALITIES)}, got {list(mods)}")
         if self.embed_dim < 1:
             raise ConfigError(f"model.embed_dim must be positive, got {self.embed_dim}")
-        if self.fusion.name not in FUSIONS:
-            raise ConfigError(f"model.fusion.name must be one of {list(FUSIONS)}, got {self.fusion.name!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> ModelConfig:
+    def from_dict(cls, d: dict[str, Any] | None, source: str = "the model config") -> ModelConfig:
         """Build from nested dicts; ``fusion`` may be just its name. Unknown keys raise ConfigError."""
-        d = dict(d or {})
-        if isinstance(d.get("fusion"), str):
-            d["fusion"] = {"name": d["fusion"]}
-        return _from_dict(cls, d, "model")
+        schema.check_keys(cls, d or {}, source, "")
+        return schema.fill(cls, d, "model")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (JSON/YAML-safe) that ``from_dict`` reads back to an equal config."""
-        d = dataclasses.asdict(self)
-        d["modalities"] = list(self.modalities)
-        return d
-
-
-def _from_dict(cls, d: dict[str, Any], where: str):
-    if not isinstance(d, dict):
-        raise ConfigError(f"{where} must be a mapping, got {d!r}")
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - set(names))
-    if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in {where}; allowed: {sorted(names)}")
-    kwargs = {}
-    for key, value in d.items():
-        default = names[key].default_factory if names[key].default_factory is not dataclasses.MISSING else None
-        if default is not None and dataclasses.is_dataclass(default):
-            kwargs[key] = _from_dict(default, value or {}, f"{where}.{key}")
-        elif key == "modalities":
-            kwargs[key] = (value,) if isinstance(value, str) else tuple(value)
-        else:
-            kwargs[key] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as e:
-        raise ConfigError(f"bad value in {where}: {e}") from None
+        return schema.plain(self)
 
 
 class MultiTaskModel(nn.Module):
@@ -142,9 +77,13 @@ class MultiTaskModel(nn.Module):
         if self.late:
             self.trunks = nn.ModuleDict({
                 m: Trunk(D, cfg.trunk_width, cfg.trunk_depth, cfg.dropout) for m in cfg.modalities})
+            # a branch has heads only for the tasks it predicts (fusion.branch_tasks; default every task)
+            branch = cfg.fusion.branch_tasks or {}
             self.heads = nn.ModuleDict({
-                m: TaskHeads(self.tasks, self.trunks[m].out_dim) for m in cfg.modalities})
-            self.fusion = LateFusion(cfg.modalities, self.tasks.names, weights=cfg.fusion.late_weights)
+                m: TaskHeads([t for t in self.tasks if t.name in branch.get(m, self.tasks.names)],
+                             self.trunks[m].out_dim) for m in cfg.modalities})
+            self.fusion = LateFusion(cfg.modalities, self.tasks.names, weights=cfg.fusion.late_weights,
+                                     branch_tasks=cfg.fusion.branch_tasks)
         else:
             self.fusion = build_fusion(cfg.fusion, cfg.modalities, D, dropout=cfg.dropout)
             self.fusion_dropout = nn.Dropout(cfg.dropout)
@@ -222,7 +161,12 @@ class MultiTaskModel(nn.Module):
         rest = [p for p in self.parameters() if id(p) not in seen]
         return groups + ([rest] if rest else [])
 
+    def pretrained_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the encoders' pretrained backbones (``optim.backbone_lr_scale`` lowers their rate)."""
+        return [p for m in self.cfg.modalities if getattr(self.cfg, m).pretrained
+                for p in self.encoders[m].backbone.parameters()]
+
     def task_parameters(self, task: str) -> list[nn.Parameter]:
         """Parameters of ``task``'s head(s)."""
         heads = list(self.heads.values()) if self.late else [self.heads]
-        return [p for h in heads for p in h[task].parameters()]
+        return [p for h in heads if task in h for p in h[task].parameters()]

@@ -18,7 +18,10 @@ update and DWA's epoch losses, so every rank keeps the same weights. Call ``back
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -27,6 +30,34 @@ from mmdata.errors import ConfigError
 from mmdata.tasks import Task, TaskList
 
 WEIGHTINGS = ("equal", "static", "uncertainty", "dwa", "gradnorm", "pcgrad")
+OPTIONS = {"static": ("weights",), "dwa": ("temperature",), "gradnorm": ("alpha", "lr"), "pcgrad": ("seed",)}
+
+
+@dataclass(frozen=True)
+class WeightingConfig:
+    """A weighting method and its options; an option left null takes the method's default."""
+
+    SHORTHAND: ClassVar[str] = "name"  # `weighting: dwa` in a config means {name: dwa}
+
+    name: str = "equal"  # one of WEIGHTINGS
+    weights: dict[str, float] | None = None  # static: {task: weight}, unnamed tasks weigh 1
+    temperature: float | None = None  # dwa: softmax temperature over loss ratios (2.0)
+    alpha: float | None = None  # gradnorm: restoring force (1.5)
+    lr: float | None = None  # gradnorm: learning rate of the weights (0.025)
+    seed: int | None = None  # pcgrad: seed of the order in which task gradients are projected (0)
+
+    def __post_init__(self) -> None:
+        if self.name not in WEIGHTINGS:
+            raise ConfigError(f"weighting.name must be one of {list(WEIGHTINGS)}, got {self.name!r}")
+        foreign = [k for k in self.options() if k not in OPTIONS.get(self.name, ())]
+        if foreign:
+            owners = {k: m for m, keys in OPTIONS.items() for k in keys}
+            raise ConfigError(f"weighting.{foreign[0]} is an option of {owners[foreign[0]]!r}, not of "
+                              f"{self.name!r}; remove it or set weighting.name: {owners[foreign[0]]}")
+
+    def options(self) -> dict[str, Any]:
+        """The options set, as ``make_weighting`` takes them."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "name" and v is not None}
 
 
 class Weighting(nn.Module):

@@ -48,24 +48,24 @@ def make_batch(present: dict[str, list[bool]] | None = None, seed: int = 0, n: i
         keys=[f"s{i}" for i in range(n)],
         image=torch.randn(n, 3, 16, 16, generator=g) + torch.arange(n).view(-1, 1, 1, 1),
         image_mask=mask["image"],
-        audio=torch.randn(n, N_MELS, FRAMES, generator=g), audio_lengths=lengths, audio_mask=mask["audio"],
+        audio_features=torch.randn(n, N_MELS, FRAMES, generator=g), audio_feature_lengths=lengths,
+        audio_mask=mask["audio"],
         text_ids=torch.randint(5, VOCAB, (n, L), generator=g) * attn, attention_mask=attn, text_mask=mask["text"],
         labels={"digit": torch.arange(n) % 10, "parity": torch.arange(n) % 2,
                 "size": torch.randn(n, 2, generator=g), "tags": (torch.rand(n, 3, generator=g) > 0.5).float()},
         label_mask={t: torch.ones(n, dtype=torch.bool) for t in TASKS.names},
-        audio_is_features=True,
     )
 
 
 def poison_absent(batch: Batch) -> Batch:
     """Same batch with NaN / out-of-range garbage in every absent modality row and padded audio frame."""
-    image, audio, ids = batch.image.clone(), batch.audio.clone(), batch.text_ids.clone()
+    image, audio, ids = batch.image.clone(), batch.audio_features.clone(), batch.text_ids.clone()
     image[~batch.image_mask] = float("nan")
     audio[~batch.audio_mask] = float("nan")
-    padded = torch.arange(FRAMES)[None, :] >= batch.audio_lengths[:, None]  # (B, F)
+    padded = torch.arange(FRAMES)[None, :] >= batch.audio_feature_lengths[:, None]  # (B, F)
     audio.masked_fill_(padded[:, None, :], float("inf"))
     ids[~batch.text_mask] = 10**6
-    return dataclasses.replace(batch, image=image, audio=audio, text_ids=ids)
+    return dataclasses.replace(batch, image=image, audio_features=audio, text_ids=ids)
 
 
 PATTERNS = {
@@ -260,7 +260,7 @@ def test_model_config_round_trip_and_errors():
 
 def test_no_hard_coded_device_in_the_package():
     root = Path(__file__).resolve().parents[1] / "mtml_models"
-    for path in root.glob("*.py"):
+    for path in root.rglob("*.py"):
         assert "cuda:0" not in path.read_text(), path
 
 
@@ -324,7 +324,7 @@ def test_time_warped_audio_ignores_speaking_rate_and_padding():
 @pytest.mark.parametrize("fused,independent", [(0.0, True), (1.0, False)])
 def test_fused_loss_zero_trains_late_branches_independently(fused, independent):
     """With fused_loss=0 the image branch's gradient does not depend on the audio: an ensemble in one model."""
-    from mtml_models.train import step_losses
+    from mtml_models.losses import step_losses
 
     model = MultiTaskModel(TASKS, make_cfg("late", modalities=("image", "audio")))
 
@@ -336,7 +336,7 @@ def test_fused_loss_zero_trains_late_branches_independently(fused, independent):
         return torch.cat([p.grad.flatten() for p in model.encoders["image"].parameters()])
 
     a, b = make_batch(seed=1), make_batch(seed=1)
-    b = dataclasses.replace(b, audio=b.audio.flip(0))  # other audio, same images and labels
+    b = dataclasses.replace(b, audio_features=b.audio_features.flip(0))  # other audio, same images and labels
     same = torch.allclose(image_grads(a), image_grads(b))
     assert same == independent
 

@@ -17,8 +17,8 @@ from PIL import Image
 
 from mmdata.build import build_dataset
 from mtml_models.cli import main as mtml
-from mtml_models.evaluate import evaluate_run
-from mtml_models.train import drop
+from mtml_models.config import TrainConfig
+from mtml_models.evaluate import drop, evaluate_run
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--set", "optim.epochs=2", "--set", "data.batch_size=16", "--set", "data.num_workers=0",
@@ -63,6 +63,8 @@ def test_train_then_eval_reports_every_task(avdata, tmp_path, capsys, caplog):
     with Image.open(run / "curves.png") as im:
         assert im.size[0] > 0
     assert (run / "best" / "model.safetensors").is_file() and (run / "last" / "optimizer.safetensors").is_file()
+    saved = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))  # the resolved config reads back
+    assert saved.optim.epochs == 2 and saved.model.image.width == 8 and saved.model.audio.n_mels == 13
     capsys.readouterr()
     assert mtml(["eval", "--run", str(run), "--split", "test", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -139,7 +141,7 @@ def test_two_process_ddp_matches_one_process(avdata, tmp_path):
 def test_aux_losses_train_each_modality_alone_where_present():
     from mmdata.batch import Batch
     from mmdata.tasks import Task, TaskList
-    from mtml_models.train import _add_aux_losses
+    from mtml_models.losses import add_aux_losses
 
     tasks = TaskList((Task("digit", "classification", ("0", "1")),))
     batch = Batch(keys=["a", "b"], image_mask=torch.tensor([True, True]), audio_mask=torch.tensor([True, False]),
@@ -148,9 +150,9 @@ def test_aux_losses_train_each_modality_alone_where_present():
     parts = {"image": {"digit": torch.cat([good, bad])},  # right on both samples (labels 0, 1)
              "audio": {"digit": torch.cat([good, good])}}  # wrong on b, which has no audio
     losses = {"digit": torch.tensor(1.0)}
-    _add_aux_losses(losses, parts, batch, tasks, {}, weight=0.5)
+    add_aux_losses(losses, parts, batch, tasks, {}, weight=0.5)
     assert losses["digit"].item() == pytest.approx(1.0, abs=1e-3)  # both parts right where present
     parts["audio"]["digit"] = torch.cat([bad, good])  # now wrong on a, which has audio
     losses = {"digit": torch.tensor(1.0)}
-    _add_aux_losses(losses, parts, batch, tasks, {}, weight=0.5)
+    add_aux_losses(losses, parts, batch, tasks, {}, weight=0.5)
     assert losses["digit"].item() == pytest.approx(1.0 + 0.5 * 18, abs=1e-3)
