@@ -119,6 +119,8 @@ class EvalCommand:
         dropped_text = f", {' and '.join(dropped)} dropped" if dropped else ""
         print(f"{args.run} on {result['split']} ({result['samples']} samples, epoch {result['epoch']}{dropped_text})")
         _print_tasks(result["tasks"], result["absent_tasks"], "  ")
+        for task in result["unpredicted_tasks"]:
+            print(f"  {task:12s} not predicted: no modality left has a head for it")
         for source, tasks in result.get("sources", {}).items():
             print(f"  {source}:")
             _print_tasks(tasks, [], "    ")

@@ -154,8 +154,8 @@ def evaluate_run(run: str | Path, data: DataSpec, split: str = "test", *, drop_m
     """Load ``RUN/<checkpoint>`` and evaluate it on ``split`` of ``data`` (a path, or {source name: path}).
 
     Returns ``{"tasks": {task: {metric: value}}, "split", "samples", "epoch", "checkpoint", "dropped",
-    "absent_tasks", "absent_modalities"}``, and ``"sources": {source: {task: {metric: value}}}`` when
-    ``data`` is several datasets.
+    "absent_tasks", "absent_modalities", "unpredicted_tasks"}`` (tasks no modality left predicts: not
+    scored), and ``"sources": {source: {task: {metric: value}}}`` when ``data`` is several datasets.
     """
     run = Path(run)
     meta = read_meta(run / checkpoint)
@@ -179,10 +179,18 @@ def evaluate_run(run: str | Path, data: DataSpec, split: str = "test", *, drop_m
     load_checkpoint(run / checkpoint, session.model)
     loader = eval_loader(session, split, batch_size)
     ev = evaluate_loader(session, loader, drop_modality=drop_modality, relabel=relabel)
-    result = {"tasks": {t: ev.tasks[t] for t in shared}, "split": split,
+    used = [m for m in cfg.model.modalities if m not in absent_modalities and m != drop_modality]
+    unpredicted = [t for t in shared if not predicted(cfg.model.fusion.branch_tasks, used, t)]
+    result = {"tasks": {t: ev.tasks[t] for t in shared if t not in unpredicted}, "split": split,
               "samples": sources.every_sample(ds).num_samples(split), "epoch": meta["epoch"],
               "checkpoint": checkpoint, "dropped": drop_modality, "absent_tasks": absent_tasks,
-              "absent_modalities": absent_modalities}
+              "absent_modalities": absent_modalities, "unpredicted_tasks": unpredicted}
     if ev.sources:
-        result["sources"] = ev.sources
+        result["sources"] = {s: {t: m for t, m in ts.items() if t not in unpredicted} for s, ts in ev.sources.items()}
     return result
+
+
+def predicted(branch_tasks: dict[str, tuple[str, ...]] | None, modalities: list[str], task: str) -> bool:
+    """Whether a modality left predicts ``task`` (with branch tasks a late-fusion branch predicts only its own):
+    a task none predicts would be scored on all-zero logits, so it is reported, not scored."""
+    return branch_tasks is None or any(task in branch_tasks.get(m, (task,)) for m in modalities)

@@ -120,6 +120,10 @@ def test_eval_on_data_lacking_a_task_or_a_modality(run, data, capsys):
     # a modality the data lacks is a dropped one: the same samples with their audio dropped score the same
     dropped = _eval(capsys, str(run), "--data", str(data["paired"]), "--split", "val", "--drop-modality", "audio")
     assert dropped["tasks"] == images["tasks"] and dropped["absent_modalities"] == []
+    # no speech source was labelled with parity: without images no branch predicts it, so it is not scored
+    no_image = _eval(capsys, str(run), "--data", str(data["paired"]), "--split", "val", "--drop-modality", "image")
+    assert set(no_image["tasks"]) == {"digit"} and no_image["unpredicted_tasks"] == ["parity"]
+    assert images["unpredicted_tasks"] == [] and dropped["unpredicted_tasks"] == []
     capsys.readouterr()
     assert mtml(["eval", "--run", str(run), "--data", str(data["speech"]), "--split", "val"]) == 0
     text = capsys.readouterr().out
