@@ -8,7 +8,6 @@ memory to about a hundred bytes per record, whatever the input's size.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 from array import array
@@ -156,12 +155,6 @@ class Samples:
 
     def member(self, i: int) -> bytes:
         return os.pread(self._fd, int(self.size[i]), int(self.at[i]))
-
-    def sample(self, i: int) -> dict[str, Any]:
-        """Record ``i``'s ``KEY.json`` content, as a reader would parse it."""
-        data = self.member(i)
-        size = int(data[124:136].rstrip(b"\0 ") or b"0", 8)
-        return json.load(io.BytesIO(data[BLOCK:BLOCK + size]))
 
     def close(self) -> None:
         os.close(self._fd)
