@@ -43,16 +43,22 @@ PROBE_WINDOW = 64  # jobs timed in the main process before deciding where the ne
 SHIP_ABOVE = 300e-6  # seconds a job must take to be worth shipping to a worker process
 SHIP_WINDOW = 4096  # jobs shipped ahead of the results taken
 SHIP_CHUNK = 16  # jobs per message to a worker
+TEXTS_KEPT = 256 << 20  # bytes of train texts a Ray driver keeps for the tokenizer (its sample is smaller)
 RAY_PREFIX = "ray:"  # a Packed.spill that names a Ray chunk; its offset is the record's place in the chunk
 
 
 @dataclass(frozen=True)
 class ShardPlan:
-    """One shard to write: each sample's packed members (spill, offset, size) and its ``KEY.json`` member."""
+    """One shard to write: each sample's packed members (spill, offset, size) and its ``KEY.json`` member.
+
+    ``texts``: for a shard whose texts the tokenizer may read, each sample's text as (start in its packed
+    members, bytes), start -1 for none; an executor whose packed bytes are not local hands them back.
+    """
 
     name: str
     members: list[tuple[str, int, int]]
     json: list[bytes]
+    texts: list[tuple[int, int]] | None = None
 
 
 class LocalExecutor:
@@ -191,6 +197,8 @@ class RayExecutor:
         self._pack = ray.remote(num_returns=2)(_pack_chunk)
         self._write = ray.remote(_write_remote)
         self.blocks: list[Any] = []  # chunk -> object reference of its packed blocks
+        self._texts: dict[tuple[str, int], bytes] = {}  # (chunk, place) -> text, for the tokenizer
+        self._texts_kept = 0
 
     def pack(self, jobs: Iterable, ctx: PackContext) -> Iterator[Any]:
         window = max(4, 2 * int(self.ray.cluster_resources().get("CPU", 2)))
@@ -210,14 +218,29 @@ class RayExecutor:
         def submit(plan: ShardPlan) -> Callable[[], ShardInfo]:
             chunks = sorted({int(path[len(RAY_PREFIX):]) for path, _, _ in plan.members})
             ref = self._write.remote(storage, plan, chunks, *[self.blocks[c] for c in chunks])
-            return lambda: self.ray.get(ref)
+            return lambda: self._keep_texts(*self.ray.get(ref))
 
         window = max(4, 2 * int(self.ray.cluster_resources().get("CPU", 2)))
         yield from in_order(submit, shards, window)
 
+    def _keep_texts(self, info: ShardInfo, texts: dict[tuple[str, int], bytes]) -> ShardInfo:
+        """Keep the texts a write task handed back (up to ``TEXTS_KEPT`` bytes), for the tokenizer's reads."""
+        for where, text in texts.items():
+            if self._texts_kept < TEXTS_KEPT:
+                self._texts[where] = text
+                self._texts_kept += len(text)
+        return info
+
     def read(self, spill: str, offset: int, start: int, size: int) -> bytes:
-        """``size`` bytes from ``start`` of a packed record (``offset``: its place in its chunk)."""
-        return self.ray.get(self.blocks[int(spill[len(RAY_PREFIX):])])[offset][start:start + size]
+        """``size`` bytes from ``start`` of a packed record (``offset``: its place in its chunk): a text a
+        write task handed back, else fetched from the object store."""
+        text = self._texts.pop((spill, offset), None)
+        if text is not None and len(text) == size:
+            return text
+        return self._fetch(spill, offset)[start:start + size]
+
+    def _fetch(self, spill: str, offset: int) -> bytes:
+        return self.ray.get(self.blocks[int(spill[len(RAY_PREFIX):])])[offset]
 
     def store(self, block: bytes, folder: str) -> tuple[str, int]:
         """Put a re-packed record in the object store as a chunk of its own."""
@@ -269,16 +292,22 @@ def _pack_chunk(jobs: list, ctx: PackContext, chunk: int) -> tuple[list, list[by
     return facts, blocks
 
 
-def _write_remote(storage, plan: ShardPlan, chunks: list[int], *blocks: list[bytes | None]) -> ShardInfo:
+def _write_remote(storage, plan: ShardPlan, chunks: list[int],
+                  *blocks: list[bytes | None]) -> tuple[ShardInfo, dict[tuple[str, int], bytes]]:
     by_chunk = dict(zip(chunks, blocks))
     shard = ShardFile(plan.name)
-    for (path, i, _), js in zip(plan.members, plan.json):
+    texts = {}
+    for n, ((path, i, _), js) in enumerate(zip(plan.members, plan.json)):
+        block = by_chunk[int(path[len(RAY_PREFIX):])][i]
         shard.start_sample()
-        shard.add(by_chunk[int(path[len(RAY_PREFIX):])][i])
+        shard.add(block)
         shard.add(js)
+        if plan.texts is not None and plan.texts[n][0] >= 0:
+            start, size = plan.texts[n]
+            texts[(path, i)] = block[start:start + size]
     info = shard.finish()
     storage.write(plan.name, shard.data)
-    return info
+    return info, texts
 
 
 __all__ = ["EXECUTORS", "LocalExecutor", "Packed", "RayExecutor", "ShardPlan", "make_executor"]

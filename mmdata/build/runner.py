@@ -281,10 +281,10 @@ def _write_shards(plans, finished: dict[str, dict], catalog: Catalog, samples: S
     members: dict[str, list[bytes]] = {}
 
     def todo():
-        for _, name, recs in plans:
+        for split, name, recs in plans:
             if name not in finished:
                 members[name] = [samples.member(i) for i in recs.tolist()]
-                yield _shard_plan(catalog, name, recs, members[name])
+                yield _shard_plan(catalog, name, recs, members[name], texts=split == "train")
 
     spills = [p for p in catalog.spills.values if not p.startswith(RAY_PREFIX)]
     written = pool.write(todo(), str(out), spills, storage=dest, hook=shard_hook)
@@ -303,10 +303,11 @@ def shard_hook(shard) -> None:
     """Called after each sample a shard gets (a test's place to interrupt a build)."""
 
 
-def _shard_plan(catalog: Catalog, name: str, recs: np.ndarray, jsons: list[bytes]) -> ShardPlan:
+def _shard_plan(catalog: Catalog, name: str, recs: np.ndarray, jsons: list[bytes], texts: bool) -> ShardPlan:
     a, paths = catalog.arrays, catalog.spills.values
     spill, offset, size = (a[k][recs].tolist() for k in ("spill", "offset", "size"))
-    return ShardPlan(name, [(paths[c], o, n) for c, o, n in zip(spill, offset, size)], jsons)
+    where = list(zip(a["text_at"][recs].tolist(), a["text_bytes"][recs].tolist())) if texts else None
+    return ShardPlan(name, [(paths[c], o, n) for c, o, n in zip(spill, offset, size)], jsons, where)
 
 
 def _index_rows(catalog: Catalog, recs: np.ndarray, split: str, shard: str, sizes: np.ndarray,
