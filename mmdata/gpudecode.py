@@ -10,7 +10,7 @@ on the CPU (not a JPEG by its magic bytes, or a CMYK one).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -53,13 +53,26 @@ class PackedImages:
         return [self.data[ends[j]:ends[j + 1]] for j in range(len(ends) - 1)]
 
 
+@dataclass
+class DecodeStats:
+    """What ``decode_images`` met besides images the device decoded: the counts a loader adds to its own.
+
+    ``host_fallbacks``: images the device refused, decoded on the CPU and copied over. ``skipped``:
+    (key, reason) of each image no decoder reads, marked absent under ``on_error="skip"``.
+    """
+
+    host_fallbacks: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
 def _decode(datas: list[torch.Tensor], keys: list[str], device: torch.device,
-            on_error: str) -> list[torch.Tensor | None]:
+            on_error: str, stats: DecodeStats) -> list[torch.Tensor | None]:
     """Decode images to RGB uint8 (3,h,w) on ``device``: all at once, else one by one.
 
     An image the device decoder rejects (a CMYK or non-JPEG file that reached it) is decoded on the
     host as the workers do and copied over. Only bytes no decoder reads raise DecodeError naming the
-    key, or with ``on_error="skip"`` come back as None (the caller marks that image absent).
+    key, or with ``on_error="skip"`` come back as None (the caller marks that image absent). Both are
+    counted in ``stats``.
     """
     from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -76,12 +89,12 @@ def _decode(datas: list[torch.Tensor], keys: list[str], device: torch.device,
         except torch.OutOfMemoryError:
             raise
         except RuntimeError as err:
-            out.append(_decode_on_host(data, key, device, on_error, err))
+            out.append(_decode_on_host(data, key, device, on_error, err, stats))
     return out
 
 
 def _decode_on_host(data: torch.Tensor, key: str, device: torch.device, on_error: str,
-                    err: Exception) -> torch.Tensor | None:
+                    err: Exception, stats: DecodeStats) -> torch.Tensor | None:
     """uint8 (3,h,w) on ``device`` decoded by the workers' host decoder, or None under "skip"."""
     try:
         img = decode_rgb(data.numpy().tobytes())
@@ -91,13 +104,16 @@ def _decode_on_host(data: torch.Tensor, key: str, device: torch.device, on_error
                               f"CPU ({type(host_err).__name__}: {host_err}); rebuild the dataset, or pass "
                               "on_error='skip' to mark such images absent") from None
         log.warning("sample %r: image bytes cannot be decoded (%s); its image is marked absent", key, host_err)
+        stats.skipped.append((key, f"image decodes neither on {device} ({err}) nor on the CPU "
+                                   f"({type(host_err).__name__}: {host_err}); its image is marked absent"))
         return None
     log.info("sample %r: %s could not decode its image (%s); decoded on the CPU instead", key, device, err)
+    stats.host_fallbacks += 1
     return img.to(device, non_blocking=True)
 
 
 def decode_images(batch: Batch, images: PackedImages | None, device: torch.device | str,
-                  on_error: str = "raise") -> Batch:
+                  on_error: str = "raise", stats: DecodeStats | None = None) -> Batch:
     """Return a copy of ``batch`` whose ``image`` is uint8 (B,3,H,W) on ``device``, with ``images`` decoded in.
 
     Each JPEG is decoded on ``device`` and resized by ``mmdata.geometry.resize_crop`` (aspect kept, centre
@@ -107,7 +123,8 @@ def decode_images(batch: Batch, images: PackedImages | None, device: torch.devic
     Bytes that no decoder reads raise DecodeError naming the sample, or with ``on_error="skip"`` (the
     loader's setting) become an absent image: zeros, ``image_mask`` False, and a warning with its key. (A
     worker that decodes on the CPU drops such a sample; here the batch is already formed, so the sample
-    stays with its other modalities, as a sample whose image is missing does.)
+    stays with its other modalities, as a sample whose image is missing does.) ``stats``, when given, is
+    added to: the images decoded on the CPU after the device refused them, and those marked absent.
     """
     if on_error not in ("raise", "skip"):
         raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -119,7 +136,8 @@ def decode_images(batch: Batch, images: PackedImages | None, device: torch.devic
     if len(images.offsets) != len(rows) + 1 or any(not 0 <= r < B for r in rows):
         raise SchemaError(f"PackedImages must have offsets (n+1,) and rows (n,) within the batch of {B}; got "
                           f"{len(images.offsets)} offsets and rows {rows}")
-    decoded = _decode(images.files(), [batch.keys[i] for i in rows], device, on_error)
+    decoded = _decode(images.files(), [batch.keys[i] for i in rows], device, on_error,
+                      stats if stats is not None else DecodeStats())
     image_mask = batch.image_mask
     if any(d is None for d in decoded):
         failed = [rows[j] for j, d in enumerate(decoded) if d is None]

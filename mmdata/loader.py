@@ -20,6 +20,8 @@ worker ``(i + k) % W`` so that the round robin starts with the owner of batch ``
 ``on_error="skip"``: a sample that cannot be read or decoded is logged (once per shard and worker),
 counted in ``Loader.skipped`` and left out of its batch; the batch is still yielded, smaller (even
 empty). Every rank therefore still yields ``len(loader)`` batches and DDP never waits on a missing one.
+On the device path (``DevicePrefetcher``) an undecodable JPEG's image is marked absent and counted in the
+same ``skipped``; one the device refuses but the CPU reads counts in ``host_fallbacks``; both resume.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from .collate import collate, pack_jpegs
 from .dataset import Dataset
 from .decode import Decoder, DecodeSpec, Sample
 from .errors import ConfigError, MmdataError, SchemaError
-from .gpudecode import PackedImages
+from .gpudecode import DecodeStats, PackedImages
 from .mixture import Mixture
 from .order import Blend, PlanConfig, World, batches_per_rank, blend_slot_plan, slot_plan
 from .reader import ShardReader, read_stream, sample_error
@@ -231,6 +233,7 @@ class Loader:
         self._resume = False  # load_state_dict set the position: the next iter() continues from it
         self.skipped = 0  # samples skipped under on_error="skip", over the loader's life
         self.skipped_samples: list[tuple[str, str, str]] = []  # (shard, key, reason), the last 1000
+        self.host_fallbacks = 0  # images the device refused, decoded on the CPU instead (DevicePrefetcher)
         self._len = batches_per_rank(dataset.num_samples(split), world_size, cfg)
         self._persistent = config.persistent_workers and num_workers > 0
         # Persistent workers keep their copy of the stream across epochs; they read where to start
@@ -310,9 +313,7 @@ class Loader:
             it = iter(self._make_dataloader(stream, pin))
         try:
             for batch, images, skipped in it:
-                if skipped:
-                    self.skipped += len(skipped)
-                    self.skipped_samples = (self.skipped_samples + skipped)[-1000:]
+                self._count_skipped(skipped)
                 if pin and self.num_workers == 0:
                     batch = batch.pin_memory()
                 self.batches += 1
@@ -325,6 +326,15 @@ class Loader:
                 shutdown()
         self._normalise()
 
+    def _count_skipped(self, skipped: list[tuple[str, str, str]]) -> None:
+        self.skipped, self.skipped_samples = self.skipped + len(skipped), (self.skipped_samples + skipped)[-1000:]
+
+    def count_device_decode(self, stats: DecodeStats) -> None:
+        """Add a batch's device-decode counts (``DevicePrefetcher`` calls it): absent images as skipped
+        samples (shard "": the device does not know it), images decoded on the CPU as ``host_fallbacks``."""
+        self.host_fallbacks += stats.host_fallbacks
+        self._count_skipped([("", key, reason) for key, reason in stats.skipped])
+
     def close(self) -> None:
         """Stop persistent workers now (they otherwise live until the loader is garbage collected)."""
         if self._dataloader is not None:
@@ -336,7 +346,8 @@ class Loader:
     def state_dict(self) -> dict[str, Any]:
         """Position to resume from (batches yielded in ``epoch``), plus what it is only valid for."""
         self._normalise()
-        return {"epoch": self.epoch, "batches": self.batches, "skipped": self.skipped, **self._fingerprint()}
+        return {"epoch": self.epoch, "batches": self.batches, "skipped": self.skipped,
+                "host_fallbacks": self.host_fallbacks, **self._fingerprint()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Make the next ``iter()`` continue exactly after the last batch yielded when ``state`` was taken."""
@@ -347,6 +358,7 @@ class Loader:
                               "the same split, seed, batch size, world size and workers, or start afresh")
         self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
         self.skipped = int(state.get("skipped", 0))
+        self.host_fallbacks = int(state.get("host_fallbacks", 0))  # absent from states saved before it was counted
         self._resume = True
 
     def _fingerprint(self) -> dict[str, Any]:

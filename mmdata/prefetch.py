@@ -34,7 +34,7 @@ from typing import Any, Protocol
 import torch
 
 from .batch import Batch
-from .gpudecode import PackedImages, decode_images
+from .gpudecode import DecodeStats, PackedImages, decode_images
 
 Transform = Callable[[Batch], Batch]
 
@@ -91,8 +91,9 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
 
 
 def stage(batch: Batch, images: PackedImages | None, device: torch.device, streams: StreamOps,
-          on_error: str = "raise") -> Batch:
-    """Copy ``batch`` to ``device``, then decode ``images`` into it, all with ``streams.side`` current."""
+          on_error: str = "raise", stats: DecodeStats | None = None) -> Batch:
+    """Copy ``batch`` to ``device``, then decode ``images`` into it (adding to ``stats``), all with
+    ``streams.side`` current."""
     with streams.use(streams.side):
         batch = _to_device(batch, device)
         if images is not None:
@@ -100,7 +101,7 @@ def stage(batch: Batch, images: PackedImages | None, device: torch.device, strea
             # whose last reader (the copy above, the last batch's resize) is still queued there could be
             # handed to it. The host waits for the side stream's queue first (decode_jpeg blocks anyway).
             streams.side.synchronize()
-            batch = decode_images(batch, images, device, on_error)
+            batch = decode_images(batch, images, device, on_error, stats)
     return batch
 
 
@@ -129,7 +130,10 @@ class DevicePrefetcher:
     ``len()`` is the loader's. ``streams`` replaces the CUDA stream operations (tests pass fakes).
 
     Nothing is read from the loader before the caller asks for it, so ``state_dict()`` is the loader's
-    state as of the last batch handed out: a resume from it neither skips nor repeats a batch.
+    state as of the last batch handed out: a resume from it neither skips nor repeats a batch. What each
+    decode met (images decoded on the CPU instead, images marked absent under "skip") goes to the
+    loader's ``count_device_decode`` when it has one (``Loader.host_fallbacks`` and ``Loader.skipped``),
+    before the batch is handed out, so the state holds the counts up to that batch.
     """
 
     def __init__(self, loader: Iterable[Batch], device: torch.device | str, transform: Transform | None = None,
@@ -162,9 +166,14 @@ class DevicePrefetcher:
             streams = CudaStreams(self.device)
         packed = getattr(self.loader, "iter_packed", None)
         pairs = packed() if packed is not None else ((b, None) for b in self.loader)
+        count = getattr(self.loader, "count_device_decode", None)
         for batch, images in pairs:  # the caller has queued its last step: this copy and decode overlap it
+            stats = DecodeStats()
             if streams is None:
-                batch = decode_images(_to_device(batch, self.device), images, self.device, self.on_error)
+                batch = decode_images(_to_device(batch, self.device), images, self.device, self.on_error, stats)
             else:
-                batch = hand_over(stage(batch, images, self.device, streams, self.on_error), self.device, streams)
+                batch = stage(batch, images, self.device, streams, self.on_error, stats)
+                batch = hand_over(batch, self.device, streams)
+            if count is not None:
+                count(stats)
             yield self.transform(batch) if self.transform is not None else batch

@@ -15,7 +15,7 @@ from PIL import Image
 from mmdata.augment import AugmentConfig, Pipeline
 from mmdata.batch import Batch
 from mmdata.errors import DecodeError
-from mmdata.gpudecode import PackedImages, decode_images
+from mmdata.gpudecode import DecodeStats, PackedImages, decode_images
 from mmdata.prefetch import DevicePrefetcher
 
 SIZE = (16, 20)
@@ -94,6 +94,95 @@ def test_undecodable_jpeg_under_skip_becomes_an_absent_image(caplog):
     good = decode_images(*packed_batch(), "cpu")
     for i in (0, 2, 4):  # the other rows decode as they would in a clean batch
         assert torch.equal(out.image[i], good.image[i])
+
+
+def png_of(jpeg_bytes: bytes) -> bytes:
+    """The same picture as a PNG: no JPEG decoder reads it, the host decoder does."""
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(jpeg_bytes)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_decode_counts_host_fallbacks_and_skipped_images():
+    """An image the device refuses but the CPU reads is a host fallback; bytes no decoder reads are a skip."""
+    batch, images = packed_batch()
+    files = [f.numpy().tobytes() for f in images.files()]  # rows 0, 1, 4
+    files[0], files[1] = png_of(files[0]), b"\xff\xd8" + b"\x00" * 40
+    tampered = dataclasses.replace(PackedImages.pack(files, SIZE), rows=images.rows)
+    stats = DecodeStats()
+    out = decode_images(batch, tampered, "cpu", "skip", stats)
+    assert stats.host_fallbacks == 1 and [k for k, _ in stats.skipped] == ["k1"]
+    assert "cpu" in stats.skipped[0][1]  # the reason says where decoding was tried
+    assert out.image_mask.tolist() == [True, False, True, False, True]
+    assert torch.equal(out.image[0], decode_images(*packed_batch(), "cpu").image[0])  # the PNG: same picture
+    clean = DecodeStats()
+    decode_images(*packed_batch(), "cpu", "skip", clean)
+    assert clean == DecodeStats()  # nothing refused, nothing skipped
+    with pytest.raises(DecodeError, match="k1"):  # "raise" counts nothing as skipped: it stops
+        decode_images(batch, tampered, "cpu", "raise", DecodeStats())
+
+
+def device_loader(root: str):
+    """mmdata's loader leaving JPEGs to the device, whose packed JPEGs are tampered with on the way: in
+    each batch the first JPEG is broken after its SOI marker, the second replaced by a PNG. Returns the
+    loader and the (broken, png) keys tampered with so far."""
+    from mmdata import LoaderConfig, make_loader
+
+    loader = make_loader(root, "train", batch_size=8, shuffle=False, modalities=["image"], on_error="skip",
+                         config=LoaderConfig(decode_images_on="device", image_size=8))
+    real = loader.iter_packed
+    tampered: tuple[list[str], list[str]] = ([], [])
+
+    def iter_packed():
+        for batch, images in real():
+            files: list[bytes | None] = [None] * len(batch)
+            rows = images.rows.tolist()
+            for r, f in zip(rows, images.files()):
+                files[r] = f.numpy().tobytes()
+            files[rows[0]] = b"\xff\xd8" + b"\x00" * 40
+            files[rows[1]] = png_of(files[rows[1]])
+            tampered[0].append(batch.keys[rows[0]])
+            tampered[1].append(batch.keys[rows[1]])
+            yield batch, PackedImages.pack(files, images.size)
+
+    loader.iter_packed = iter_packed
+    return loader, tampered
+
+
+@pytest.mark.timeout(120)
+def test_device_skips_and_host_fallbacks_count_in_the_loader_and_resume(tmp_path):
+    """Images dropped on the device add to the same ``skipped`` as the samples the workers drop, host
+    fallbacks to ``host_fallbacks``; both are in the state, resume exactly, and an older state loads."""
+    from test_loader import _corrupt_member, write_dataset
+
+    root = write_dataset(tmp_path / "d")
+    _corrupt_member(root, "s0007")  # a sample the worker skips
+    loader, (broken, pngs) = device_loader(root)
+    out = [b for b in DevicePrefetcher(loader, "cpu")]
+    assert len(out) == len(loader) and len(broken) == len(pngs) == len(loader)
+    assert loader.skipped == 1 + len(broken) and loader.host_fallbacks == len(pngs)
+    assert {s[1] for s in loader.skipped_samples if s[0] == ""} == set(broken)
+    assert [s[:2] for s in loader.skipped_samples if s[0]] == [("train-000001.tar", "s0007")]
+    for b in out:  # a broken image is absent, its sample kept; the PNG decoded
+        masks = dict(zip(b.keys, b.image_mask.tolist()))
+        assert not any(masks[k] for k in broken if k in masks) and all(masks[k] for k in pngs if k in masks)
+    full = loader.state_dict()
+
+    first, _ = device_loader(root)
+    pre = DevicePrefetcher(first, "cpu")
+    next(iter(pre))
+    state = pre.state_dict()  # after one batch: s0007, a broken JPEG and a PNG
+    assert (state["batches"], state["skipped"], state["host_fallbacks"]) == (1, 2, 1)
+    resumed, _ = device_loader(root)
+    resumed.load_state_dict(state)
+    rest = list(DevicePrefetcher(resumed, "cpu"))
+    assert [b.keys for b in rest] == [b.keys for b in out[1:]]
+    assert resumed.state_dict() == full  # the same counts as the uninterrupted pass
+
+    old = {k: v for k, v in state.items() if k != "host_fallbacks"}  # saved before fallbacks were counted
+    older, _ = device_loader(root)
+    older.load_state_dict(old)
+    assert older.host_fallbacks == 0 and older.skipped == 2
 
 
 def test_a_batch_holds_no_transport_and_the_pipeline_does_not_decode():
@@ -219,8 +308,8 @@ def test_prefetcher_decodes_on_its_side_stream_and_records_on_the_consumer_strea
     streams = RecordingStreams()
     decoded: list[torch.Tensor] = []
 
-    def spy_decode(batch, images, device, on_error):  # the real decode, noting the stream it ran on
-        out = decode_images(batch, images, device, on_error)
+    def spy_decode(batch, images, device, on_error, stats=None):  # the real decode, noting its stream
+        out = decode_images(batch, images, device, on_error, stats)
         streams.log.append(("decode", streams.active.name))
         decoded.append(out.image)
         return out
