@@ -154,7 +154,7 @@ def test_readme_summarises_the_card_and_its_build_line_gives_the_same_config(bui
     assert header["configs"] == [{"config_name": "default", "data_files": [
         {"split": "train", "path": "train-*.tar"}, {"split": "validation", "path": "val-*.tar"},
         {"split": "test", "path": "test-*.tar"}]}]
-    assert "license" not in header and "pretty_name" not in header  # BuildConfig has neither
+    assert "license" not in header and "pretty_name" not in header  # the build config gives neither
     for split, info in card.splits.items():
         assert re.search(rf"^\| `{split}` \| `{hf_split(split)}` \| {info.num_samples} \| {len(info.shards)} \|",
                          text, re.M)
@@ -169,6 +169,24 @@ def test_readme_summarises_the_card_and_its_build_line_gives_the_same_config(bui
     assert again == {k: v for k, v in card.build_config.items() if k != "layout"}
     resolved = yaml.safe_load(re.search(r"```yaml\n(.*?)```", text, re.S).group(1))
     assert resolved == card.build_config
+
+
+def test_license_and_pretty_name_of_the_config_head_the_readme(tmp_path):
+    config = BuildConfig.from_dict({**CONFIG.to_dict(), "workers": 1, "license": "mit",
+                                    "pretty_name": "Tiny digits: images & audio"})
+    raw = write_raw(tmp_path / "raw")
+    build_dataset(raw, tmp_path / "ds", config, progress=False)
+    text = (tmp_path / "ds" / README_NAME).read_text()
+    header = yaml.safe_load(text.split("---\n")[1])
+    assert header["license"] == "mit" and header["pretty_name"] == "Tiny digits: images & audio"
+    assert list(header)[:2] == ["license", "pretty_name"] and "\n# Tiny digits: images & audio\n" in text
+    line = re.search(r"```bash\n(.*?)\n```", text, re.S).group(1).replace("\\\n", " ")
+    args = shlex.split(line)
+    pairs = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+    again = BuildConfig().with_overrides(pairs)  # the build line gives them back
+    assert (again.license, again.pretty_name) == (config.license, config.pretty_name)
+    build_dataset(raw, tmp_path / "again", config, progress=False)
+    assert (tmp_path / "again" / README_NAME).read_bytes() == text.encode("utf-8")
 
 
 def test_readme_loading_code_runs(built, hf):

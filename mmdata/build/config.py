@@ -72,6 +72,10 @@ class BuildConfig:
                                                   "many bytes (in shard order), so its memory stays bounded")
     max_reject_fraction: float = key(0.01, "the build fails (exit 1, dataset still written) when more records "
                                            "than this fraction are rejected")
+    # dataset card (README.md)
+    license: str | None = key(None, "Hugging Face licence id for the README.md header, e.g. mit or cc-by-4.0")
+    pretty_name: str | None = key(None, "the dataset's display name: the README.md title and its header's "
+                                        "pretty_name")
     workers: int | None = key(None, "encoding processes; null: the CPU count (not stored in the card)")
 
     def __post_init__(self) -> None:
@@ -97,6 +101,13 @@ class BuildConfig:
             raise ConfigError(f"max_side must be positive or null, got {self.max_side}")
         if self.workers is not None and self.workers < 1:
             raise ConfigError(f"workers must be positive, got {self.workers}")
+        if self.license is not None and (not isinstance(self.license, str) or not self.license
+                                         or any(c.isspace() for c in self.license)):
+            raise ConfigError(f"license must be a Hugging Face licence id such as mit or cc-by-4.0, got "
+                              f"{self.license!r}")
+        if self.pretty_name is not None and (not isinstance(self.pretty_name, str) or not self.pretty_name.strip()
+                                             or "\n" in self.pretty_name):
+            raise ConfigError(f"pretty_name must be a one-line name, got {self.pretty_name!r}")
         if self.test_groups and not self.split_by:
             raise ConfigError("test_groups needs split_by (the column that names the groups), e.g. --split-by speaker")
 

@@ -180,6 +180,37 @@ def locate(rel: str, real_root: Path) -> tuple[str, int, tuple[str, str] | None]
     return target, st.st_size, None
 
 
+class Listed(type(Path())):  # PosixPath: every Path method, and Path(...) of it is a plain path again
+    """A file found by listing a source folder, which the user did not name (a named one is his choice).
+
+    ``found_in`` is (the folder's real path, the file's path below the folder): the file is read only where
+    it resolves inside the folder (``listed_target``). Paths derived from it (``.parent``) carry none.
+    """
+
+    found_in: tuple[str, str] | None = None
+
+
+def listed(folder: str | Path, rel: str) -> Listed:
+    """The file ``rel`` (a relative path) found by listing ``folder``."""
+    path = Listed(folder, rel)
+    path.found_in = (os.path.realpath(folder), rel)
+    return path
+
+
+def listed_target(path: str | Path, what: str) -> tuple[str, tuple[str, str] | None]:
+    """(the path to open, None), or (``path``, ("outside_root", message)) for a Listed file that resolves
+    outside the folder it was found in. A missing or odd file is the caller's to report, as for a named one."""
+    if getattr(path, "found_in", None) is None:
+        return str(path), None
+    real_root, rel = path.found_in
+    target, _, problem = locate(rel, Path(real_root))
+    if problem is None:
+        return target, None
+    if problem[0] == "outside_root":
+        return str(path), ("outside_root", f"{what} {problem[1]} instead of linking to it")
+    return str(path), None
+
+
 @functools.lru_cache(maxsize=4096)
 def realdir(path: str) -> str:
     """``os.path.realpath`` of a folder from its parent's (cached) and one lstat of its own name.

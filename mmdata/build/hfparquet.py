@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from ..errors import DatasetNotFoundError, SchemaError
 from .config import BuildConfig
-from .guard import parse_json
+from .guard import Refused, listed, listed_target, parse_json
 from .records import SPLIT_NAMES, MediaRef, RawRecord, modality_of_ext
 from .spool import Spool
 from .tars import split_of_shard
@@ -68,10 +68,13 @@ def is_hf_parquet(path: Path) -> bool:
     """A regular .parquet file with ``huggingface`` schema metadata or a {bytes, path} media column."""
     if Path(path).suffix.lower() != ".parquet":
         return False
+    target, outside = listed_target(path, "Parquet file")
+    if outside is not None:  # a link out of the folder it was listed in: not read, not even its footer
+        return False
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the read
+        if not stat.S_ISREG(os.stat(target).st_mode):  # a FIFO would block the read
             return False
-        schema = pq.read_schema(path)  # the footer only
+        schema = pq.read_schema(target)  # the footer only
     except (pa.ArrowException, OSError):
         return False
     return HF_KEY in (schema.metadata or {}) or any(_is_media_struct(f.type) for f in schema)
@@ -81,10 +84,12 @@ def parquet_files(source: Path) -> list[Path] | None:
     """The data files in a folder and its ``data/``, sorted; None when there are none.
 
     A data file's name starts with a split (``train-00000-of-00001.parquet``) or its schema is Hugging Face's:
-    a stems folder's plain ``labels.parquet`` is none.
+    a stems folder's plain ``labels.parquet`` is none. The files are Listed: read only inside ``source``.
     """
     source = Path(source)
-    found = sorted(p for d in (source, source / "data") if d.is_dir() for p in d.glob("*.parquet")
+    names = [sub + p.name for sub in ("", "data/") if (source / sub).is_dir()
+             for p in (source / sub).glob("*.parquet")]
+    found = sorted(p for p in (listed(source, n) for n in names)
                    if p.is_file() and (split_of(p) or is_hf_parquet(p)))  # Spark's train.parquet/ is a folder
     return found or None
 
@@ -93,9 +98,15 @@ def class_names(path: Path) -> dict[str, tuple[list[str], bool]]:
     """{column: (class names in source order, is a list)} of the (Sequence of) ClassLabel columns of a file.
 
     Tasks built from these keep Hugging Face's class indices and unseen classes; inferred ones sort the names seen.
+    A listed file that links out of its folder gives none (its rows are a reject).
     """
-    with _open(Path(path)) as pf:
-        named = {c: _class_names(f) for c, f in _features(pf.schema_arrow, Path(path)).items()}
+    path = path if isinstance(path, Path) else Path(path)  # Path() of a Listed path drops its found_in
+    try:
+        pf = _open(path)
+    except Refused:
+        return {}
+    with pf:
+        named = {c: _class_names(f) for c, f in _features(pf.schema_arrow, path).items()}
     return {c: (names, many) for c, (names, many) in named.items() if names is not None}
 
 
@@ -103,8 +114,14 @@ def from_parquet(files: list[Path], config: BuildConfig, spool: Spool, root: Pat
     """One RawRecord per row of every file, media bytes spooled; a path-only cell names a file next to its
     Parquet file, made relative to ``root`` (default: that file's folder) for the build's root checks."""
     records: list[RawRecord] = []
-    for file in map(Path, files):
-        with _open(file) as pf:
+    for file in files:
+        file = file if isinstance(file, Path) else Path(file)  # Path() of a Listed path drops its found_in
+        try:
+            pf = _open(file)
+        except Refused as e:  # a listed file that links out of its folder: not read, one reject for its rows
+            records.append(RawRecord(file.name, problems=[(e.reason, e.message)]))
+            continue
+        with pf:
             records += _rows(pf, file, config, spool, root)
     return records
 
@@ -168,9 +185,13 @@ def _columns(schema: pa.Schema, features: dict[str, Any], config: BuildConfig, f
 
 
 def _open(file: Path) -> pq.ParquetFile:
-    """The user-named file as a ParquetFile: a regular file, read by pyarrow a row group at a time."""
+    """The file as a ParquetFile: a regular file, read by pyarrow a row group at a time; a Listed one only
+    inside its folder (else Refused, outside_root)."""
+    target, outside = listed_target(file, "Parquet file")
+    if outside is not None:
+        raise Refused(*outside)
     try:
-        st = os.stat(file)
+        st = os.stat(target)
     except FileNotFoundError:
         raise DatasetNotFoundError(f"Parquet file {str(file)!r} does not exist; give an existing file") from None
     except OSError as e:
@@ -178,7 +199,7 @@ def _open(file: Path) -> pq.ParquetFile:
     if not stat.S_ISREG(st.st_mode):
         raise SchemaError(f"Parquet file {str(file)!r} is not a regular file; give a .parquet file")
     try:  # arrow reads a row group's column whole: unbuffered, that costs ~3x its bytes (pre-buffered: ~9x)
-        return pq.ParquetFile(file, pre_buffer=False, buffer_size=READ_BUFFER)
+        return pq.ParquetFile(target, pre_buffer=False, buffer_size=READ_BUFFER)
     except (pa.ArrowException, OSError) as e:
         raise SchemaError(f"{str(file)!r} is not a readable Parquet file ({_line(e)})") from None
 

@@ -26,7 +26,7 @@ from ..card import Card
 from ..errors import DatasetNotFoundError, MmdataError, SchemaError
 from ..tasks import Task
 from .config import BuildConfig
-from .guard import Refused, parse_json, read_regular
+from .guard import Refused, listed, listed_target, parse_json, read_regular
 from .records import SPLIT_NAMES, MediaRef, RawRecord, modality_of_ext
 from .spool import Spool
 
@@ -246,17 +246,21 @@ def _pax_records(data: bytes) -> dict[str, str]:
 # ---- which shards ------------------------------------------------------------------------------------------
 
 
-def tar_files(pattern: str) -> list[str]:
+def tar_files(pattern: str) -> list[str | Path]:
+    """The shards ``pattern`` names: a folder's tars (Listed: read only inside it), a file, a glob, braces."""
     p = Path(pattern)
+    files: list[str | Path]
     if p.is_dir():
-        files = sorted(str(f) for f in p.iterdir() if f.name.endswith(TAR_EXTS))
+        files = [listed(p, name) for name in sorted(os.listdir(p)) if name.endswith(TAR_EXTS)]
     elif p.is_file():
         files = [pattern]
     else:
         files = sorted({f for pat in _expand_braces(pattern) for f in glob.glob(pat)})
-    odd = [f for f in files if not os.path.isfile(f)]
+    # a link out of the folder is no error here: it becomes a reject (outside_root), whatever it points at
+    odd = [f for f in files if not os.path.isfile(f) and listed_target(f, "tar shard")[1] is None]
     if odd:
-        raise SchemaError(f"{odd[0]!r} is not a regular file; keep only tar files among the input shards")
+        raise SchemaError(f"{str(odd[0])!r} is not a regular file; keep only tar files among the input "
+                          "shards")
     if not files:
         raise DatasetNotFoundError(f"no tar shards match {pattern!r}; give a folder of .tar files, a glob or "
                                    "a brace pattern like 'shards-{000000..000009}.tar'")
@@ -296,7 +300,8 @@ def split_of_shard(path: str) -> str | None:
     return None
 
 
-def from_tars(files: list[str], config: BuildConfig, spool: Spool, card: Card | None = None) -> list[RawRecord]:
+def from_tars(files: list[str | Path], config: BuildConfig, spool: Spool,
+              card: Card | None = None) -> list[RawRecord]:
     """One RawRecord per sample key of every shard; ``card`` is the source's own (an mmdata dataset)."""
     records = []
     for file in files:
@@ -308,15 +313,18 @@ def from_tars(files: list[str], config: BuildConfig, spool: Spool, card: Card | 
     return records
 
 
-def _from_tar(file: str, config: BuildConfig, spool: Spool, card: Card | None) -> list[RawRecord]:
+def _from_tar(file: str | Path, config: BuildConfig, spool: Spool, card: Card | None) -> list[RawRecord]:
     name = Path(file).name
+    path, outside = listed_target(file, "tar shard")  # path: resolved, so later reads find the checked file
+    if outside is not None:  # not read: one reject stands for the shard's samples
+        return [RawRecord(name, problems=[outside])]
     try:
-        st = os.stat(file)
+        st = os.stat(path)
         if not stat.S_ISREG(st.st_mode):
-            raise SchemaError(f"tar shard {file!r} is not a regular file; keep only tar files among the shards")
-        raw = open(file, "rb")  # noqa: SIM115 - closed below, maybe through the decompressor
+            raise SchemaError(f"tar shard {str(file)!r} is not a regular file; keep only tar files among the shards")
+        raw = open(path, "rb")  # noqa: SIM115 - closed below, maybe through the decompressor
     except OSError as e:
-        raise SchemaError(f"tar shard {file!r} cannot be read ({e.strerror or e})") from None
+        raise SchemaError(f"tar shard {str(file)!r} cannot be read ({e.strerror or e})") from None
     magic = raw.read(6)
     raw.seek(0)
     opener = next((o for m, o in OPENERS.items() if magic.startswith(m)), None)
@@ -344,7 +352,7 @@ def _from_tar(file: str, config: BuildConfig, spool: Spool, card: Card | None) -
                     sample.problems.append(("corrupt_shard", damaged_next.message))
                     damaged_next = None
             sample.names.append(item.name)
-            _add_member(sample, item, ext, stream, packed, name, file, config, spool)
+            _add_member(sample, item, ext, stream, packed, name, path, config, spool)
     except (OSError, EOFError, lzma.LZMAError) as e:  # a broken compressed stream
         where = f"{name}: the compressed stream breaks off ({e})"
         last = next(reversed(samples.values()), None)
