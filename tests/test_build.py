@@ -312,6 +312,7 @@ def test_shipped_jobs_are_read_at_most_a_window_ahead(monkeypatch):
     from mmdata.build import executors
 
     monkeypatch.setattr(executors, "SHIP_WINDOW", 32)
+    monkeypatch.setattr(executors, "CHUNK_SECONDS", 0.008)  # 4 jobs a message: the window, not the chunks, bounds
     pulled = [0]
 
     def jobs():

@@ -200,6 +200,21 @@ def test_wav_builds_to_the_same_samples(name, tmp_path):
     assert row["audio_seconds"] == pytest.approx(len(c.truth) / RATE)
 
 
+@pytest.mark.parametrize("name", ["ffmpeg_pipe_s16_stereo_partial_frame", "s24", "f32"])
+def test_resampled_audio_is_librosas_soxr_hq_resample(name, tmp_path):
+    """Resampling is librosa.resample's default (soxr HQ, the length ceil(N * ratio)), sample for sample."""
+    import librosa
+
+    c = CASES[name]
+    counts, members = build_one(tmp_path, c.data, BuildConfig(workers=1, tokenizer_vocab=0, sample_rate=22050))
+    assert counts["written"] == 1
+    mono = read(c.reference, "float32").mean(axis=1)  # (N,)
+    want = librosa.resample(mono, orig_sr=RATE, target_sr=22050)
+    assert len(want) == -(-len(mono) * 22050 // RATE)
+    stored = read(members["flac"], "int16")[:, 0].astype(np.int64)
+    np.testing.assert_array_equal(stored, np.clip(np.rint(want.astype(np.float64) * 32768), -32768, 32767))
+
+
 @pytest.mark.parametrize("name", ["ffmpeg_pipe_s16", "ffmpeg_pipe_s16_stereo_partial_frame",
                                   "ffmpeg_pipe_s24_stereo_extensible", "s24_odd_data_then_list"])
 def test_soundfile_reads_the_input_as_the_reference(name):

@@ -16,7 +16,7 @@ from ..format import HASHED_KEY, make_key
 from ..tasks import Task, ValueStats, natural_key
 from .config import BuildConfig
 from .guard import locate
-from .records import MediaRef, RawRecord, modality_of_ext
+from .records import Found, MediaRef, RawRecord, modality_of_ext
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class Ids:
         self.ids: set[str] = set()
         self.changed: set[str] = set()  # keys that are not their record's id
 
-    def check(self, raw: RawRecord) -> Reject | str:
+    def check(self, raw: Found) -> Reject | str:
         """The record's key, or why it is rejected (``raw.source_id`` is normalised to NFC)."""
         raw.source_id = sid = unicodedata.normalize("NFC", raw.source_id)
         if not sid.strip():
@@ -189,7 +189,7 @@ def check_record(raw: RawRecord, *, real_root: Path, config: BuildConfig) -> dic
             media[modality] = ref
         elif ref.real is not None:  # checked by discovery
             size = ref.size or 0
-            media[modality] = MediaRef(ref.ext, path=ref.real, size=size)
+            media[modality] = ref
         else:
             where, size, problem = locate(ref.path or "", real_root)
             if problem:
@@ -203,11 +203,11 @@ def check_record(raw: RawRecord, *, real_root: Path, config: BuildConfig) -> dic
     return media
 
 
-def group_of(raw: RawRecord, config: BuildConfig) -> str | None:
-    """The record's value of the ``split_by`` column, as a string (None when absent)."""
+def group_of(labels: dict[str, Any], fields: dict[str, Any], config: BuildConfig) -> str | None:
+    """A record's value of the ``split_by`` column, as a string (None when absent)."""
     if not config.split_by:
         return None
-    g = lookup(raw.labels, raw.fields, config.split_by)
+    g = lookup(labels, fields, config.split_by)
     return None if g is None or g == "" else str(g)
 
 

@@ -19,7 +19,7 @@ from ..format import BLOCK, member_header
 from ..tasks import BadLabel, Task
 from .align import Reject, encode_labels, sample_meta
 from .pack import Packed
-from .records import RawRecord
+from .records import Found
 
 SAMPLE_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)  # a sample's .json
 NUMBERS = {  # column -> array type code
@@ -64,7 +64,7 @@ class Catalog:
     def __len__(self) -> int:
         return len(self.keys)
 
-    def add(self, raw: RawRecord, key: str, packed: Packed, group: str | None) -> None:
+    def add(self, raw: Found, key: str, packed: Packed, group: str | None) -> None:
         """Keep a packed record: its key, facts, and its labels, fields and meta in the label spill."""
         if raw.source_id != key:
             self.other_ids[len(self.keys)] = raw.source_id
@@ -77,7 +77,7 @@ class Catalog:
         c["exts"].append(self.exts(packed.exts))
         c["split"].append(self.splits(raw.split))
         c["group"].append(self.groups(group))
-        line = LINE.encode([raw.labels, raw.fields, raw.meta]).encode("utf-8") + b"\n"
+        line = LINE.encode([packed.labels, packed.fields, packed.meta]).encode("utf-8") + b"\n"
         c["labels_at"].append(self._labels_pos)
         c["labels_len"].append(len(line))
         self._labels.write(line)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import operator
 import os
 import re
 import stat
@@ -26,6 +27,7 @@ TABLE_EXTS = (".csv", ".jsonl", ".parquet")
 LABEL_TABLE_NAMES = ("labels.csv", "labels.jsonl", "labels.parquet")
 MAX_LABELS_BYTES = 16 * 2**20  # one sample's labels.json
 PARQUET_BATCH = 8192  # manifest rows read at a time
+BY_NAME = operator.attrgetter("name")  # scandir entries sorted by name
 
 
 def detect_layout(source: Path) -> str:
@@ -42,6 +44,9 @@ def detect_layout(source: Path) -> str:
             return "manifest"
         raise SchemaError(f"cannot tell the layout of file {text!r}; give a CSV/JSONL/Parquet manifest or a tar")
     if not source.is_dir():
+        if os.path.lexists(source):
+            raise SchemaError(f"source {text!r} is neither a regular file nor a folder (a FIFO, a device or a "
+                              "broken link); give a folder, a manifest file or tar shards")
         raise DatasetNotFoundError(f"source {text!r} does not exist; give a folder, a manifest file or tar shards")
     with os.scandir(source) as it:  # d_type from the listing: no stat per child
         children = sorted(it, key=lambda e: e.name)
@@ -231,8 +236,8 @@ def _from_manifest(path: Path, config: BuildConfig) -> Iterator[RawRecord]:
 # ---- folders and stems -------------------------------------------------------------------------------------
 
 
-def _from_folders(root: Path, skip: str | None = None) -> Iterator[RawRecord]:
-    real_root = Path(os.path.realpath(root))
+def _from_folders(root: Path, skip: str | None = None) -> Iterator[SampleFolder]:
+    real_root = str(os.path.realpath(root))
     for child in _subdirs(str(root)):
         if child.name == skip:
             continue
@@ -240,30 +245,59 @@ def _from_folders(root: Path, skip: str | None = None) -> Iterator[RawRecord]:
         if split_name and not _is_sample_dir(Path(child.path)):
             for d in _subdirs(child.path):
                 if f"{child.name}/{d.name}" != skip:
-                    yield _folder_record(d, f"{child.name}/{d.name}", split_name, real_root, child.is_symlink())
+                    yield SampleFolder(d.name, d.path, f"{child.name}/{d.name}", split_name, real_root,
+                                       child.is_symlink() or d.is_symlink())
         else:
-            yield _folder_record(child, child.name, None, real_root)
+            yield SampleFolder(child.name, child.path, child.name, None, real_root, child.is_symlink())
+
+
+class SampleFolder:
+    """A sample folder as listed: its id and split known, its files listed and read by ``load``, in the
+    process that packs it (a record's discovery is part of its one pass, on any core)."""
+
+    __slots__ = ("source_id", "path", "rel_dir", "split", "real_root", "linked")
+
+    def __init__(self, source_id: str, path: str, rel_dir: str, split: str | None, real_root: str, linked: bool):
+        self.source_id, self.path, self.rel_dir, self.split = source_id, path, rel_dir, split
+        self.real_root, self.linked = real_root, linked  # linked: a link on the way down from the root
+
+    def __getstate__(self) -> tuple:
+        return tuple(getattr(self, k) for k in self.__slots__)
+
+    def __setstate__(self, state: tuple) -> None:
+        for k, v in zip(self.__slots__, state):
+            setattr(self, k, v)
+
+    @property
+    def paths(self) -> list[str]:
+        return [self.rel_dir]
+
+    def load(self) -> RawRecord:
+        return _folder_record(self)
 
 
 def _subdirs(path: str) -> list[os.DirEntry]:
     """The folders in ``path`` (links to folders included), by name; scandir spares a stat per entry."""
     with os.scandir(path) as it:
-        return sorted((e for e in it if e.is_dir()), key=lambda e: e.name)
+        return sorted((e for e in it if e.is_dir()), key=BY_NAME)
 
 
-def _folder_record(d: os.DirEntry, rel_dir: str, split: str | None, real_root: Path,
-                   linked: bool = False) -> RawRecord:
-    rec = RawRecord(d.name, split=split)
-    linked = linked or d.is_symlink()  # d_type from the listing: no stat
-    with os.scandir(d.path) as it:
-        entries = sorted(it, key=lambda e: e.name)
+def _folder_record(d: SampleFolder) -> RawRecord:
+    rec = RawRecord(d.source_id, split=d.split)
+    rel_dir, linked = d.rel_dir, d.linked
+    try:
+        with os.scandir(d.path) as it:
+            entries = sorted(it, key=BY_NAME)
+    except OSError as e:
+        rec.problems.append(("unreadable", f"{rel_dir}: cannot list ({e.strerror or e})"))
+        return rec
     for f in entries:
         rel = f"{rel_dir}/{f.name}"
         if f.name == "labels.json":
             try:
                 # no link on the way down from the root: inside it for certain, and read_file refuses
                 # anything but a regular file; else resolve the links and check
-                data = (read_inside(rel, real_root, MAX_LABELS_BYTES, "labels.json") if linked or f.is_symlink()
+                data = (read_inside(rel, Path(d.real_root), MAX_LABELS_BYTES, "labels.json") if linked or f.is_symlink()
                         else read_file(f.path, max_bytes=MAX_LABELS_BYTES))
                 labels = parse_json(data, rel)
                 if not isinstance(labels, dict):
@@ -281,7 +315,7 @@ def _folder_record(d: os.DirEntry, rel_dir: str, split: str | None, real_root: P
         if modality is None:
             continue  # README, notes, ...: not part of the sample
         if modality in rec.media:
-            rec.problems.append(("unsupported_format", f"{d.name}: more than one {modality} file "
+            rec.problems.append(("unsupported_format", f"{d.source_id}: more than one {modality} file "
                                  f"({rec.media[modality].path}, {rel}); keep one per sample folder"))
             continue
         rec.media[modality] = _folder_file(f, ext, rel, linked)

@@ -40,9 +40,10 @@ log = logging.getLogger(__name__)
 EXECUTORS = ("local", "ray")
 RAY_CHUNK = 64  # records per Ray pack task
 PROBE_WINDOW = 64  # jobs timed in the main process before deciding where the next ones run
-SHIP_ABOVE = 300e-6  # seconds a job must take to be worth shipping to a worker process
+SHIP_ABOVE = 50e-6  # seconds a job must take to be worth shipping to a worker process (about 10 us of pickling)
 SHIP_WINDOW = 4096  # jobs shipped ahead of the results taken
-SHIP_CHUNK = 16  # jobs per message to a worker
+CHUNK_SECONDS = 0.02  # work per message to a worker: a message costs the pool's threads about a millisecond
+MAX_CHUNK = 512
 TEXTS_KEPT = 256 << 20  # bytes of train texts a Ray driver keeps for the tokenizer (its sample is smaller)
 RAY_PREFIX = "ray:"  # a Packed.spill that names a Ray chunk; its offset is the record's place in the chunk
 
@@ -80,6 +81,7 @@ class LocalExecutor:
     def map(self, fn: Callable, jobs: Iterable) -> Iterator:
         """An order-keeping map: here, window by window, until a window averages over ``SHIP_ABOVE`` a job."""
         jobs = iter(jobs)
+        per_job = 0.0
         while not self.shipping:
             window = list(itertools.islice(jobs, PROBE_WINDOW))
             if not window:
@@ -90,14 +92,16 @@ class LocalExecutor:
                 result = fn(job)
                 spent += self.clock() - t0  # the job only, not the consumer's time between yields
                 yield result
-            if self.workers > 1 and spent / len(window) > SHIP_ABOVE:
-                log.debug("%.1f ms a job: the rest in %d processes", 1e3 * spent / len(window), self.workers)
+            per_job = spent / len(window)
+            if self.workers > 1 and per_job > SHIP_ABOVE:
+                log.debug("%.1f ms a job: the rest in %d processes", 1e3 * per_job, self.workers)
                 self.shipping = True
+        chunk = max(1, min(MAX_CHUNK, int(CHUNK_SECONDS / max(per_job, 1e-9))))
         if self.pool is None:
             self.pool = multiprocessing.get_context("fork").Pool(self.workers)
         # The pool's feeding thread would read every job ahead (a whole manifest's records in memory):
         # it may run at most SHIP_WINDOW jobs ahead of the results taken.
-        ahead = threading.BoundedSemaphore(max(SHIP_WINDOW, 2 * SHIP_CHUNK))
+        ahead = threading.BoundedSemaphore(max(SHIP_WINDOW, 2 * self.workers * chunk))
         stop = self._stop = threading.Event()
 
         def fed():
@@ -108,7 +112,7 @@ class LocalExecutor:
                 yield job
 
         try:
-            for result in self.pool.imap(fn, fed(), chunksize=SHIP_CHUNK):
+            for result in self.pool.imap(fn, fed(), chunksize=chunk):
                 ahead.release()
                 yield result
         finally:
@@ -117,10 +121,7 @@ class LocalExecutor:
     def write(self, shards: Iterable[ShardPlan], out: str, spills: list[str], storage=None,
               hook: Callable[[ShardFile], None] | None = None) -> Iterator[ShardInfo]:
         """Write ``shards`` into the local folder ``out``, as many at a time as there are workers."""
-        if self.pool is not None:  # the spill files are complete once the workers are gone
-            self.pool.close()
-            self.pool.join()
-            self.pool = None
+        self._end_pool()
         close_spills()
         fds = {path: os.open(path, os.O_RDONLY | os.O_CLOEXEC) for path in spills}
         try:
@@ -133,6 +134,13 @@ class LocalExecutor:
         finally:
             for fd in fds.values():
                 os.close(fd)
+
+    def _end_pool(self) -> None:
+        """Let the workers finish and exit: the spill files are complete once the workers are gone."""
+        if self.pool is not None:
+            self.pool.close()
+            self.pool.join()
+            self.pool = None
 
     def read(self, spill: str, offset: int, start: int, size: int) -> bytes:
         """``size`` bytes from ``start`` of the record packed at ``offset`` of ``spill``."""

@@ -76,7 +76,7 @@ def _read(ref: MediaRef) -> bytes:
     try:
         if ref.container is not None:
             return read_member(ref.container, ref.offset or 0, ref.size or 0)
-        return read_file(ref.path or "", size=ref.size, max_bytes=ref.size)
+        return read_file(ref.real or ref.path or "", size=ref.size, max_bytes=ref.size)
     except Refused as e:
         raise MediaReject(e.reason, e.message) from None
     except OSError as e:
@@ -222,17 +222,23 @@ def encode_audio(data: bytes, ext: str, s: MediaSettings) -> tuple[str, bytes, f
                 raise MediaReject("too_large", f"audio lasts {wav.frames / wav.rate:.1f} s > max_audio_seconds "
                                   f"{s.max_audio_seconds}; raise max_audio_seconds to keep it")
             return ext, data, wav.frames / wav.rate, wav.rate  # complete 16-bit PCM already in the stored form: keep it
-    try:
-        info = sf.info(io.BytesIO(data))
-        rate, frames, channels = int(info.samplerate), int(info.frames), int(info.channels)
-        if rate > 0 and frames / rate > s.max_audio_seconds:
-            raise MediaReject("too_large", f"audio lasts {frames / rate:.1f} s > max_audio_seconds "
+    if wav is not None and wav.tag == WAVE_FORMAT_PCM and wav.bits == 16 and wav.block_align == 2 * wav.channels:
+        if wav.frames / wav.rate > s.max_audio_seconds:
+            raise MediaReject("too_large", f"audio lasts {wav.frames / wav.rate:.1f} s > max_audio_seconds "
                               f"{s.max_audio_seconds}; raise max_audio_seconds to keep it")
-        y, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)  # (N, C)
-    except MediaReject:
-        raise
-    except Exception as e:  # noqa: BLE001 - not a soundfile format: try librosa (audioread)
-        y, rate = _librosa_decode(data, wav, e)
+        y, rate = _pcm16(data, wav), wav.rate  # what libsndfile would give, without its per-call set-up
+    else:
+        try:
+            info = sf.info(io.BytesIO(data))
+            rate, frames, channels = int(info.samplerate), int(info.frames), int(info.channels)
+            if rate > 0 and frames / rate > s.max_audio_seconds:
+                raise MediaReject("too_large", f"audio lasts {frames / rate:.1f} s > max_audio_seconds "
+                                  f"{s.max_audio_seconds}; raise max_audio_seconds to keep it")
+            y, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)  # (N, C)
+        except MediaReject:
+            raise
+        except Exception as e:  # noqa: BLE001 - not a soundfile format: try librosa (audioread)
+            y, rate = _librosa_decode(data, wav, e)
     if y.shape[0] == 0:
         raise MediaReject("empty_file", "audio has no samples")
     seconds_in = y.shape[0] / rate
@@ -244,13 +250,31 @@ def encode_audio(data: bytes, ext: str, s: MediaSettings) -> tuple[str, bytes, f
         return ext, data, y.shape[0] / rate, rate  # already in the stored form: keep the bytes
     y = _mix(y, s.channels)
     if rate != target:
-        import librosa
-
-        y = librosa.resample(np.ascontiguousarray(y.T), orig_sr=rate, target_sr=target).T  # (N', C)
+        y = resample(y, rate, target)
     y = np.clip(y, -1.0, 32767 / 32768)
     buf = io.BytesIO()
     sf.write(buf, y, target, format=s.audio_format.upper(), subtype="PCM_16")
     return s.audio_format, buf.getvalue(), y.shape[0] / target, target
+
+
+def _pcm16(data: bytes, wav: WavFormat) -> np.ndarray:
+    """A 16-bit PCM WAV's frames as (N, C) float32 in [-1, 1): sample / 32768, as libsndfile scales them."""
+    pcm = np.frombuffer(data, dtype="<i2", count=wav.frames * wav.channels, offset=wav.data_start)
+    return pcm.reshape(wav.frames, wav.channels).astype(np.float32) * np.float32(1 / 32768)
+
+
+def resample(y: np.ndarray, rate: int, target: int) -> np.ndarray:
+    """(N, C) at ``rate`` -> (ceil(N * target / rate), C) at ``target``: soxr's high quality, each channel on its
+    own (what ``librosa.resample`` does by default, without its first call's second of lazy imports)."""
+    import soxr
+
+    n = -(-y.shape[0] * target // rate)
+    out = np.empty((n, y.shape[1]), dtype=np.float32)
+    for c in range(y.shape[1]):
+        z = soxr.resample(np.ascontiguousarray(y[:, c]), rate, target, quality="soxr_hq")[:n]
+        out[:len(z), c] = z
+        out[len(z):, c] = 0.0
+    return out
 
 
 def _mix(y: np.ndarray, channels: int) -> np.ndarray:

@@ -17,7 +17,7 @@ from ..format import BLOCK, sample_block
 from .align import Reject, check_record
 from .config import BuildConfig
 from .media import MediaReject, MediaSettings, encode_media
-from .records import RawRecord
+from .records import Found
 
 
 class Packed(NamedTuple):  # a tuple: one per record crosses from a worker, cheap to pickle
@@ -35,6 +35,9 @@ class Packed(NamedTuple):  # a tuple: one per record crosses from a worker, chea
     text_at: int  # where the text's bytes start in the block (-1: no text)
     text_bytes: int
     input_bytes: int  # the media's size as found (for the build's fingerprint)
+    labels: dict  # the record's raw label values, other fields and meta, as discovery found them
+    fields: dict
+    meta: dict
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,7 @@ def close_spills() -> None:
     _spills.clear()
 
 
-def pack_record(job: tuple[RawRecord, str], ctx: PackContext) -> Packed | Reject:
+def pack_record(job: tuple[Found, str], ctx: PackContext) -> Packed | Reject:
     """Check, encode and spill one record under its key; any problem is a Reject, never an exception."""
     done = encode_record(job, ctx)
     if isinstance(done, Reject):
@@ -96,9 +99,11 @@ def pack_record(job: tuple[RawRecord, str], ctx: PackContext) -> Packed | Reject
     return packed._replace(spill=spill.path, offset=spill.append(block))
 
 
-def encode_record(job: tuple[RawRecord, str], ctx: PackContext) -> tuple[bytes, Packed] | Reject:
+def encode_record(job: tuple[Found, str], ctx: PackContext) -> tuple[bytes, Packed] | Reject:
     """One record's tar members under ``key`` and its facts (not yet placed: ``spill`` empty), or a Reject."""
-    raw, key = job
+    found, key = job
+    raw = found.load()
+    raw.source_id = found.source_id  # as the id check made it (NFC)
     media = check_record(raw, real_root=ctx.real_root, config=ctx.config)
     if isinstance(media, Reject):
         return media
@@ -114,7 +119,7 @@ def encode_record(job: tuple[RawRecord, str], ctx: PackContext) -> tuple[bytes, 
     return block, Packed("", 0, len(block), tuple(sorted(enc.members)), _int(enc.image_width),
                          _int(enc.image_height), -1.0 if enc.audio_seconds is None else enc.audio_seconds,
                          _int(enc.audio_rate), _int(enc.text_chars), text_at, 0 if text is None else len(text),
-                         sum(m.size or 0 for m in media.values()))
+                         sum(m.size or 0 for m in media.values()), raw.labels, raw.fields, raw.meta)
 
 
 def _int(v: int | None) -> int:

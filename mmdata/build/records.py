@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 AUDIO_EXTS = ("wav", "flac", "mp3", "ogg", "opus", "m4a")
@@ -40,6 +40,23 @@ class RawRecord:
     @property
     def paths(self) -> list[str]:
         return [m.path if m.path is not None else f"<inline {m.ext}>" for m in self.media.values()]
+
+    def load(self) -> RawRecord:
+        """The record itself (a layout whose records are found lazily gives an object that reads it here)."""
+        return self
+
+
+class Found(Protocol):
+    """A record as discovery hands it to the build: its id, split and paths known; ``load`` gives the
+    RawRecord (a folder layout's record lists and reads its folder there, in whichever process packs it)."""
+
+    source_id: str
+    split: str | None
+
+    @property
+    def paths(self) -> list[str]: ...
+
+    def load(self) -> RawRecord: ...
 
 
 def modality_of_ext(ext: str) -> str | None:

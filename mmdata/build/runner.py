@@ -254,8 +254,8 @@ def _pack_pass(raws, ctx: PackContext, pool, config: BuildConfig,
                 rejects.append(result)
                 bar.set_postfix(rejected=len(rejects), refresh=False)
                 continue
-            stats.add(raw.labels, raw.fields)
-            catalog.add(raw, key, result, group_of(raw, config))
+            stats.add(result.labels, result.fields)
+            catalog.add(raw, key, result, group_of(result.labels, result.fields, config))
     finally:
         bar.close()
         catalog.close()
