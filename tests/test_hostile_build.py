@@ -77,6 +77,59 @@ def test_hostile_labels_are_rejects_with_their_reason_and_nothing_outside_is_rea
     assert snapshot(tmp_path / "outside") == before
 
 
+def rejects_full(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+
+
+def test_a_listed_tar_linked_from_outside_is_a_reject_and_a_named_one_is_read(tmp_path):
+    import webdataset as wds
+    from conftest import image_bytes, write_tars
+
+    raw = write_tars(tmp_path / "raw", n=6)  # part-00000.tar (5 samples), part-00001.tar (1)
+    (tmp_path / "outside").mkdir()
+    secret = tmp_path / "outside" / "secret.tar"
+    with wds.TarWriter(str(secret)) as w:
+        for i in range(3):
+            w.write({"__key__": f"out{i}", "png": image_bytes(i, "png"), "cls": 7})
+    (raw / "zz-00000.tar").symlink_to(secret)
+    card = build_dataset(raw, tmp_path / "out", CONFIG, progress=False)
+    [reject] = rejects_full(tmp_path / "out")
+    assert (reject["source_id"], reject["reason"]) == ("zz-00000.tar", "outside_root")
+    assert "'zz-00000.tar'" in reject["message"] and "copy the file inside" in reject["message"]
+    assert "instead of linking" in reject["message"]
+    assert card.counts["written"] + 1 == card.counts["input"] == 7  # nothing of the link's samples read
+    assert {c for t in card.tasks for c in t.classes} == {"0", "1", "2"}  # no class 7 from outside
+    for named in (str(raw / "*.tar"), str(raw / "zz-00000.tar")):  # a glob, a path: the user's choice
+        again = build_dataset(named, tmp_path / "named", CONFIG, progress=False, overwrite=True)
+        assert again.counts["rejected"] == {} and again.counts["written"] == (9 if "*" in named else 3)
+
+
+def test_a_listed_parquet_linked_from_outside_is_a_reject_and_a_named_one_is_read(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from conftest import image_bytes
+
+    def write(path: Path, ids: list[str], label: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        media = pa.struct({"bytes": pa.binary(), "path": pa.string()})
+        images = pa.array([{"bytes": image_bytes(i), "path": None} for i in range(len(ids))], media)
+        pq.write_table(pa.table({"id": ids, "image": images, "animal": [label] * len(ids)}), path)
+
+    raw = tmp_path / "raw"
+    write(raw / "data" / "train-00000-of-00001.parquet", [f"t{i}" for i in range(4)], "dog")
+    outside = tmp_path / "outside" / "rows.parquet"
+    write(outside, ["o0", "o1"], "secret")
+    (raw / "data" / "test-00000-of-00001.parquet").symlink_to(outside)
+    card = build_dataset(raw, tmp_path / "out", CONFIG, progress=False)
+    [reject] = rejects_full(tmp_path / "out")
+    assert (reject["source_id"], reject["reason"]) == ("test-00000-of-00001.parquet", "outside_root")
+    assert "'data/test-00000-of-00001.parquet'" in reject["message"] and "instead of linking" in reject["message"]
+    assert card.counts["written"] + 1 == card.counts["input"] == 5
+    assert {c for t in card.tasks for c in t.classes} == {"dog"}  # the outside file's labels were not read
+    named = build_dataset(raw / "data" / "test-00000-of-00001.parquet", tmp_path / "named", CONFIG, progress=False)
+    assert named.counts == {"input": 2, "written": 2, "rejected": {}}  # a file named by the user is read
+
+
 def test_a_label_table_outside_the_root_or_a_fifo_is_one_line_error(tmp_path, capsys):
     raw = write_stems(tmp_path / "raw", n=4)
     outside = tmp_path / "elsewhere.csv"
@@ -89,6 +142,13 @@ def test_a_label_table_outside_the_root_or_a_fifo_is_one_line_error(tmp_path, ca
     assert main(["build", str(raw), str(tmp_path / "out2"), "--workers", "1"]) == 1
     err = capsys.readouterr().err
     assert "not a regular file (a FIFO)" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_source_that_is_a_fifo_is_one_line_naming_what_it_is(tmp_path, capsys):
+    os.mkfifo(tmp_path / "manifest.jsonl")
+    assert main(["build", str(tmp_path / "manifest.jsonl"), str(tmp_path / "out"), "--workers", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "neither a regular file nor a folder (a FIFO" in err and len(err.strip().splitlines()) == 1
 
 
 def test_a_config_that_is_a_fifo_is_a_config_error(tmp_path):
