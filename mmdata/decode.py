@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .audio import resample
 from .errors import ConfigError, DecodeError
 from .format import AUDIO_EXTS, IMAGE_EXTS, META_EXT, TEXT_EXT
 from .geometry import resize_crop
@@ -234,9 +235,7 @@ def decode_audio(data: bytes, sample_rate: int | None, samples: int | None, crop
     """
     wav, sr = read_audio(data)
     if sample_rate and sr != sample_rate:
-        import librosa
-
-        wav = librosa.resample(wav, orig_sr=sr, target_sr=sample_rate).astype(np.float32)
+        wav = resample(wav[:, None], sr, sample_rate)[:, 0]
     if samples is not None and len(wav) > samples:
         extra = len(wav) - samples
         if crop == "center":

@@ -504,6 +504,18 @@ def test_audio_crop_random_per_epoch_centre_in_evaluation():
     assert len(decode_audio(_ramp_flac(100), 8000, 200, crop="random", salt="x")) == 100  # short: untouched
 
 
+def test_audio_at_another_rate_is_resampled_as_librosa_does_by_default():
+    import librosa
+
+    from mmdata.decode import decode_audio
+
+    data = _ramp_flac(1000, rate=22050)
+    want = librosa.resample(decode_audio(data, None, None), orig_sr=22050, target_sr=16000)
+    got = decode_audio(data, 16000, None)
+    assert got.dtype == np.float32 and len(got) == len(want) == -(-1000 * 16000 // 22050)
+    np.testing.assert_array_equal(got, want)
+
+
 def test_loader_crops_training_audio_per_epoch(tmp_path):
     from mmdata.build import build_dataset
 

@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..audio import resample
 from .guard import Refused, read_file, read_member
 from .records import MediaRef
 
@@ -261,20 +262,6 @@ def _pcm16(data: bytes, wav: WavFormat) -> np.ndarray:
     """A 16-bit PCM WAV's frames as (N, C) float32 in [-1, 1): sample / 32768, as libsndfile scales them."""
     pcm = np.frombuffer(data, dtype="<i2", count=wav.frames * wav.channels, offset=wav.data_start)
     return pcm.reshape(wav.frames, wav.channels).astype(np.float32) * np.float32(1 / 32768)
-
-
-def resample(y: np.ndarray, rate: int, target: int) -> np.ndarray:
-    """(N, C) at ``rate`` -> (ceil(N * target / rate), C) at ``target``: soxr's high quality, each channel on its
-    own (what ``librosa.resample`` does by default, without its first call's second of lazy imports)."""
-    import soxr
-
-    n = -(-y.shape[0] * target // rate)
-    out = np.empty((n, y.shape[1]), dtype=np.float32)
-    for c in range(y.shape[1]):
-        z = soxr.resample(np.ascontiguousarray(y[:, c]), rate, target, quality="soxr_hq")[:n]
-        out[:len(z), c] = z
-        out[len(z):, c] = 0.0
-    return out
 
 
 def _mix(y: np.ndarray, channels: int) -> np.ndarray:
