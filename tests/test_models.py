@@ -393,3 +393,33 @@ def test_late_fusion_fixed_weights_renormalise_over_present_modalities():
             LateFusion(("image", "audio"), ["digit"], weights={"audio": bad})
     cfg = make_cfg({"name": "late", "late_weights": {"audio": 0.5}}, modalities=("image", "audio"))
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_the_audio_branch_reads_what_the_pipeline_makes_of_the_waveform():
+    """The Pipeline replaces the waveform by its features (``audio`` None after it): with the recipe's config
+    the audio encoder must run on those, and the audio branch's logits must follow the waveform."""
+    from mmdata.augment import Pipeline
+    from mtml_models.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs" / "avmnist.yaml")
+    tasks = TaskList((Task("digit", "classification", tuple("0123456789")),))
+    torch.manual_seed(0)
+    model, pipeline = MultiTaskModel(tasks, cfg.model).eval(), Pipeline(cfg.augment, sample_rate=8000).eval()
+    g = torch.Generator().manual_seed(0)
+
+    def batch(wave: torch.Tensor) -> Batch:
+        n = len(wave)
+        return Batch(keys=[f"s{i}" for i in range(n)], image=torch.rand(n, 3, 28, 28, generator=g),
+                     image_mask=torch.ones(n, dtype=torch.bool), audio=wave,
+                     audio_lengths=torch.full((n,), wave.shape[1]), audio_mask=torch.ones(n, dtype=torch.bool),
+                     labels={"digit": torch.arange(n)}, label_mask={"digit": torch.ones(n, dtype=torch.bool)})
+
+    calls = []
+    model.encoders["audio"].register_forward_hook(lambda *a: calls.append(1))
+    wave = torch.randn(4, 8000, generator=g) * 0.1
+    with torch.no_grad():
+        _, one = model(pipeline(batch(wave)), parts=True)  # the recipe is late fusion: per-modality outputs
+        _, two = model(pipeline(batch(wave.flip(1))), parts=True)
+    assert calls == [1, 1]  # the encoder ran on every batch
+    assert not torch.allclose(one["audio"]["digit"], two["audio"]["digit"])  # and what it reads is the clip
