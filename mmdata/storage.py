@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import stat
 import time
 from collections.abc import Callable
@@ -99,6 +100,18 @@ def atomic_write(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_copy(src: str | os.PathLike, path: Path) -> None:
+    """Copy the local file ``src`` to ``path`` under a staging name, fsync it, then rename it into place."""
+    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
+    shutil.copyfile(src, tmp)
+    fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     os.replace(tmp, path)
 
 

@@ -313,3 +313,38 @@ def test_audio_of_several_rates_is_resampled_to_16k_and_of_one_rate_kept(tmp_pat
     assert rates == [16000] * 4
     index = {r["key"]: r["audio_seconds"] for r in pq.read_table(tmp_path / "mixed-out" / "index.parquet").to_pylist()}
     assert index == pytest.approx(seconds)
+
+
+def test_rejects_are_logged_in_input_order_with_a_few_ids_per_reason(tmp_path):
+    from mmdata.build.align import Reject, RejectLog
+
+    with RejectLog(str(tmp_path / "r.jsonl")) as log:
+        for i in reversed(range(30)):  # ids come largest first: the log keeps the smallest
+            log.add(Reject(f"r{i:02d}", (), "empty_file" if i % 3 else "bad_label", "why"))
+        log.add(Reject("r00", (), "bad_label", "again"))  # the same id twice counts twice, is shown once
+    lines = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert [r["source_id"] for r in lines] == [f"r{i:02d}" for i in reversed(range(30))] + ["r00"]
+    assert len(log) == 31 and log.reasons == {"empty_file": 20, "bad_label": 11}
+    assert log.examples["bad_label"] == [f"r{i:02d}" for i in range(0, 24, 3)]  # the 8 smallest, once each
+    assert log.examples["empty_file"] == ["r01", "r02", "r04", "r05", "r07", "r08", "r10", "r11"]
+
+
+def test_a_build_of_many_rejects_holds_none_of_them(tmp_path):
+    """Rejects go to rejects.jsonl as they come: memory grows by the ids only (for duplicates), not the rejects."""
+    import tracemalloc
+
+    def peak(n: int) -> int:
+        rows = "".join(json.dumps({"id": f"row-{i:06d}-with-a-longer-id", "label": "x"}) + "\n" for i in range(n))
+        (tmp_path / f"m{n}.jsonl").write_text(rows)  # no media column: every row is a missing_modality reject
+        tracemalloc.start()
+        with pytest.raises(RejectThresholdError) as over:
+            build_dataset(tmp_path / f"m{n}.jsonl", tmp_path / f"out{n}", BuildConfig(workers=1), progress=False)
+        got = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert over.value.card.counts["rejected"] == {"missing_modality": n}
+        assert len((tmp_path / f"out{n}" / "rejects.jsonl").read_text().splitlines()) == n
+        return got
+
+    peak(100)  # the first build pays for imports and caches
+    small, large = peak(2_000), peak(22_000)
+    assert (large - small) / 20_000 < 250  # bytes a reject: ~160 (its id, kept to find duplicates); ~360 if held

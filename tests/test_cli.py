@@ -232,11 +232,12 @@ def test_a_full_disk_is_one_line_and_exit_1(tmp_path, monkeypatch, capsys):
 
     import mmdata.build.finish
 
-    def full(path, data):
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    def full(*args):  # atomic_write(path, data) or atomic_copy(source, path): name the file written
+        raise OSError(errno.ENOSPC, "No space left on device", str(args[0] if isinstance(args[1], bytes) else args[1]))
 
     write_folders(tmp_path / "raw", n=3)
     monkeypatch.setattr(mmdata.build.finish, "atomic_write", full)
+    monkeypatch.setattr(mmdata.build.finish, "atomic_copy", full)
     assert main(["build", str(tmp_path / "raw"), str(tmp_path / "ds"), "--workers", "1", "-q"]) == 1
     err = capsys.readouterr().err
     assert err.splitlines() == [f"mmdata build: error: No space left on device: {tmp_path / 'ds' / 'rejects.jsonl'}"]

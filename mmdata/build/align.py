@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
+import json
 import logging
 import math
 import unicodedata
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +40,39 @@ class Reject:
     def to_dict(self) -> dict[str, Any]:
         return {"source_id": self.source_id, "paths": list(self.paths), "reason": self.reason,
                 "message": self.message}
+
+
+class RejectLog:
+    """A build's rejects, written to ``path`` as they come (in input order), with the count per reason and a
+    few of each reason's smallest source ids (for the dataset card): memory does not grow with the rejects."""
+
+    KEPT_IDS = 8  # source ids kept per reason
+
+    def __init__(self, path: str):
+        self.path = path
+        self._f = open(path, "w", encoding="utf-8")  # noqa: SIM115 - a log open for the whole build
+        self.reasons: Counter[str] = Counter()
+        self.examples: dict[str, list[str]] = {}  # reason -> its smallest source ids, sorted
+
+    def add(self, reject: Reject) -> None:
+        self._f.write(json.dumps(reject.to_dict(), ensure_ascii=False) + "\n")
+        self.reasons[reject.reason] += 1
+        ids = self.examples.setdefault(reject.reason, [])
+        if reject.source_id not in ids and (len(ids) < self.KEPT_IDS or reject.source_id < ids[-1]):
+            bisect.insort(ids, reject.source_id)
+            del ids[self.KEPT_IDS:]
+
+    def __len__(self) -> int:
+        return sum(self.reasons.values())
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> RejectLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class LabelStats:

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..format import BLOCK, member_header
 from ..tasks import BadLabel, Task
-from .align import Reject, encode_labels, sample_meta
+from .align import Reject, RejectLog, encode_labels, sample_meta
 from .pack import Packed
 from .records import Found
 
@@ -114,14 +114,13 @@ class Catalog:
 class Samples:
     """Every record's ``KEY.json`` member, made once the tasks are known, in a spill file of its own."""
 
-    def __init__(self, folder: str, catalog: Catalog, tasks: tuple[Task, ...], used: set[str]):
+    def __init__(self, folder: str, catalog: Catalog, tasks: tuple[Task, ...], used: set[str], rejects: RejectLog):
         self.path = os.path.join(folder, "json.bin")
         n = len(catalog)
         self.at = np.zeros(n, dtype=np.int64)
         self.size = np.zeros(n, dtype=np.int64)
         self.kept = np.ones(n, dtype=bool)
         self.meta_types: dict[str, set[type]] = {}
-        self.rejects: list[Reject] = []
         digest = hashlib.sha256()
         pos = 0
         with open(self.path, "wb", buffering=READ_STEP) as out:
@@ -134,7 +133,7 @@ class Samples:
                     stored = encode_labels(tasks, labels, fields)
                 except BadLabel as e:
                     self.kept[i] = False
-                    self.rejects.append(Reject(sid, (), "bad_label", str(e)))
+                    rejects.add(Reject(sid, (), "bad_label", str(e)))
                     continue
                 sample: dict[str, Any] = {"id": sid, "labels": stored}
                 kept_meta = sample_meta(labels, meta, used)

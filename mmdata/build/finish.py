@@ -6,19 +6,17 @@ rows go by (``LabelCounts``), so nothing here holds a row per sample.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from ..card import Card, ShardInfo, SplitInfo, add_label, empty_label_counts
 from ..format import CARD_NAME, PARTIAL_SUFFIX, REJECTS_NAME, TOKENIZER_DIR
-from ..storage import atomic_write
+from ..storage import atomic_copy, atomic_write
 from ..tasks import Task, TaskList
-from .align import Reject
+from .align import RejectLog
 from .hfcard import write_readme
 from .media import MediaSettings
 
@@ -55,7 +53,7 @@ def modalities_of(exts: set[str], settings: MediaSettings) -> dict[str, dict[str
 
 
 def finish(out: Path, *, modalities: dict[str, dict[str, Any]], tasks: tuple[Task, ...],
-           shards: dict[str, list[ShardInfo]], counts: LabelCounts, rejects: list[Reject], num_input: int,
+           shards: dict[str, list[ShardInfo]], counts: LabelCounts, rejects: RejectLog, num_input: int,
            resolved: dict[str, Any], fingerprint: str, texts: Iterable[str], has_text: bool, vocab: int,
            meta: dict[str, str]) -> Card:
     """Write the tokenizer, README, rejects and, last, the card; return the card."""
@@ -63,15 +61,14 @@ def finish(out: Path, *, modalities: dict[str, dict[str, Any]], tasks: tuple[Tas
     if written + len(rejects) != num_input:
         raise AssertionError(f"accounting: {written} written + {len(rejects)} rejected != {num_input} input")
     splits = {s: SplitInfo(tuple(infos), counts.of(s)) for s, infos in shards.items() if infos}
-    reasons = Counter(r.reason for r in rejects)
+    reasons = rejects.reasons
     card = Card(modalities=modalities, tasks=TaskList(tuple(tasks)), splits=splits, build_config=resolved,
                 counts={"input": num_input, "written": written, "rejected": dict(sorted(reasons.items()))},
                 fingerprint=fingerprint)
     if has_text and vocab > 0:
         _write_tokenizer(out, texts, vocab)
-    write_readme(out, card, rejects, meta)
-    lines = "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in rejects)
-    atomic_write(out / REJECTS_NAME, lines.encode("utf-8"))
+    write_readme(out, card, rejects.examples, meta)
+    atomic_copy(rejects.path, out / REJECTS_NAME)
     atomic_write(out / CARD_NAME, card.to_json().encode("utf-8"))
     return card
 

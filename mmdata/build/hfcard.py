@@ -19,7 +19,6 @@ from ..card import LABEL_PREFIX, Card
 from ..format import MEMBER_ORDER, README_NAME
 from ..storage import atomic_write
 from ..tasks import Task
-from .align import Reject
 from .config import BuildConfig
 from .index import LABEL_NAME_PREFIX
 
@@ -28,20 +27,23 @@ HEADER_KEYS = ("license", "pretty_name")  # copied into the YAML header when the
 EXAMPLE_IDS = 3  # source ids shown per reject reason
 
 
-def write_readme(out: Path, card: Card, rejects: list[Reject], meta: dict[str, str] | None = None) -> None:
+def write_readme(out: Path, card: Card, rejected_ids: dict[str, list[str]],
+                 meta: dict[str, str] | None = None) -> None:
     """Write OUT/README.md atomically: the Hugging Face YAML header, then a summary for people.
+
+    ``rejected_ids``: a few of each reject reason's smallest source ids (``RejectLog.examples``).
 
     ``meta`` maps the samples' meta fields to their `datasets` dtypes (undeclared, `datasets` drops them).
     """
-    atomic_write(Path(out) / README_NAME, readme_text(card, rejects, meta).encode("utf-8"))
+    atomic_write(Path(out) / README_NAME, readme_text(card, rejected_ids, meta).encode("utf-8"))
 
 
-def readme_text(card: Card, rejects: list[Reject], meta: dict[str, str] | None = None) -> str:
+def readme_text(card: Card, rejected_ids: dict[str, list[str]], meta: dict[str, str] | None = None) -> str:
     """Return the whole README.md: the ``---``-fenced YAML header, then Markdown."""
     header = yaml.safe_dump(hf_header(card, meta), sort_keys=False, allow_unicode=True, width=100)
     title = card.build_config.get("pretty_name") or "Multimodal dataset"
-    parts = [f"---\n{header}---\n\n# {title}\n", _intro(card), _splits(card), _tasks(card), _rejects(card, rejects),
-             _how_built(card), _loading(card)]
+    parts = [f"---\n{header}---\n\n# {title}\n", _intro(card), _splits(card), _tasks(card),
+             _rejects(card, rejected_ids), _how_built(card), _loading(card)]
     return "\n".join(parts)
 
 
@@ -162,7 +164,7 @@ def _cell(text: str) -> str:
     return "`" + str(text).replace("`", "'").replace("|", "\\|").replace("\n", " ") + "`"
 
 
-def _rejects(card: Card, rejects: list[Reject]) -> str:
+def _rejects(card: Card, rejected_ids: dict[str, list[str]]) -> str:
     c = card.counts
     rejected = c.get("rejected", {})
     text = (f"## Rejects\n\n{c.get('input', 0)} input records: {c.get('written', 0)} written, "
@@ -171,7 +173,7 @@ def _rejects(card: Card, rejects: list[Reject]) -> str:
         return text + "\n"
     rows = []
     for reason, n in rejected.items():
-        ids = sorted({r.source_id for r in rejects if r.reason == reason})
+        ids = rejected_ids.get(reason, [])  # the smallest few, sorted
         shown = ", ".join(_cell(i) for i in ids[:EXAMPLE_IDS]) + (", ..." if len(ids) > EXAMPLE_IDS else "")
         rows.append([f"`{reason}`", n, shown])
     return (text + " `rejects.jsonl` gives each one's id, paths and message.\n\n"

@@ -89,7 +89,7 @@ def close_spills() -> None:
     _spills.clear()
 
 
-def pack_record(job: tuple[Found, str], ctx: PackContext) -> Packed | Reject:
+def pack_record(job: tuple[Found, str | Reject], ctx: PackContext) -> Packed | Reject:
     """Check, encode and spill one record under its key; any problem is a Reject, never an exception."""
     done = encode_record(job, ctx)
     if isinstance(done, Reject):
@@ -99,9 +99,12 @@ def pack_record(job: tuple[Found, str], ctx: PackContext) -> Packed | Reject:
     return packed._replace(spill=spill.path, offset=spill.append(block))
 
 
-def encode_record(job: tuple[Found, str], ctx: PackContext) -> tuple[bytes, Packed] | Reject:
-    """One record's tar members under ``key`` and its facts (not yet placed: ``spill`` empty), or a Reject."""
+def encode_record(job: tuple[Found, str | Reject], ctx: PackContext) -> tuple[bytes, Packed] | Reject:
+    """One record's tar members under ``key`` and its facts (not yet placed: ``spill`` empty), or a Reject
+    (``key`` is one when the record's id was refused)."""
     found, key = job
+    if isinstance(key, Reject):
+        return key
     raw = found.load()
     raw.source_id = found.source_id  # as the id check made it (NFC)
     media = check_record(raw, real_root=ctx.real_root, config=ctx.config)

@@ -31,7 +31,7 @@ from ..format import (
     shard_name,
 )
 from ..tasks import Task
-from .align import Ids, LabelStats, Reject, group_of
+from .align import Ids, LabelStats, Reject, RejectLog, group_of
 from .assemble import cut
 from .catalog import Catalog, Samples
 from .config import BuildConfig, replace
@@ -97,7 +97,8 @@ def build_dataset(source: str | Path, out: str | Path, config: BuildConfig | Non
         work = Path(tmp) / "staging" if remote_out else Path(out)
         pool = make_executor(executor, workers=config.num_workers, ray_address=ray_address)
         try:
-            card = _build(raws, root, layout, work, Path(tmp), config, pool, dest, overwrite=overwrite,
+            rejects = held.enter_context(RejectLog(str(Path(tmp) / "rejects.jsonl")))
+            card = _build(raws, root, layout, work, Path(tmp), config, pool, dest, rejects, overwrite=overwrite,
                           resume=resume, progress=progress)
         finally:
             pool.close()
@@ -162,7 +163,7 @@ def _prepare_remote(dest, *, overwrite: bool) -> None:
             dest.remove(name)
 
 
-def _build(raws, root: Path, layout: str, out: Path, tmp: Path, config: BuildConfig, pool, dest,
+def _build(raws, root: Path, layout: str, out: Path, tmp: Path, config: BuildConfig, pool, dest, rejects: RejectLog,
            *, overwrite: bool, resume: bool, progress: bool) -> Card:
     from tqdm import tqdm
 
@@ -171,12 +172,12 @@ def _build(raws, root: Path, layout: str, out: Path, tmp: Path, config: BuildCon
     folder.mkdir()
     settings = media_settings(config)
     ctx = PackContext(Path(os.path.realpath(root)), config, settings, str(folder))
-    catalog, stats, rejects, seen = _pack_pass(raws, ctx, pool, config, progress)
+    catalog, stats, seen = _pack_pass(raws, ctx, pool, config, progress, rejects)
     log.info("packed %d of %d records (%s layout) under %s", len(catalog), seen, layout, root)
     settings = settle_rate(catalog, settings, pool, str(folder), rejects)
     tasks = stats.tasks()
-    samples = Samples(str(folder), catalog, tasks, {t.source_column for t in tasks} | {config.split_by})
-    rejects += samples.rejects
+    samples = Samples(str(folder), catalog, tasks, {t.source_column for t in tasks} | {config.split_by}, rejects)
+    rejects.close()
     kept = np.flatnonzero(samples.kept & (catalog.arrays["size"] > 0))
     keys = pa.array(catalog.keys)
     ids_of = pa.array([catalog.source_id(int(i)) for i in kept]) if config.split_by or config.val or config.test \
@@ -214,7 +215,7 @@ def _build(raws, root: Path, layout: str, out: Path, tmp: Path, config: BuildCon
     meta = index.close()
     exts = {e for code in np.unique(catalog.arrays["exts"][kept]).tolist() for e in catalog.exts.values[code]}
     card = finish(out, modalities=modalities_of(exts, settings), tasks=tasks, shards=shards, counts=counts,
-                  rejects=sorted(rejects, key=lambda r: (r.source_id, r.reason, r.paths)), num_input=seen,
+                  rejects=rejects, num_input=seen,
                   resolved=resolved, fingerprint=digest.hexdigest(),
                   texts=train_texts(catalog, plans, config.tokenizer_sample_bytes, pool),
                   has_text=bool((catalog.arrays["text_at"][kept[split_of == "train"]] >= 0).any()),
@@ -223,24 +224,21 @@ def _build(raws, root: Path, layout: str, out: Path, tmp: Path, config: BuildCon
     return card
 
 
-def _pack_pass(raws, ctx: PackContext, pool, config: BuildConfig,
-               progress: bool) -> tuple[Catalog, LabelStats, list[Reject], int]:
-    """Pack every record as it is found; return the catalog, the labels seen, the rejects and the input count."""
+def _pack_pass(raws, ctx: PackContext, pool, config: BuildConfig, progress: bool,
+               rejects: RejectLog) -> tuple[Catalog, LabelStats, int]:
+    """Pack every record as it is found, in input order (its reject logged); return the catalog, the labels
+    seen and the input count."""
     from tqdm import tqdm
 
     catalog, stats, ids = Catalog(ctx.folder), LabelStats(config), Ids()
-    rejects: list[Reject] = []
     pending: deque = deque()  # (record, key) handed to the executor, in order
     seen = 0
 
     def jobs():  # may run in the pool's feeding thread: ids are checked and keys given in input order
-        nonlocal seen
+        nonlocal seen  # (a record whose id is refused travels with its Reject, so rejects stay in input order)
         for raw in raws:
             seen += 1
             key = ids.check(raw)
-            if isinstance(key, Reject):
-                rejects.append(key)
-                continue
             pending.append((raw, key))
             yield raw, key
 
@@ -251,7 +249,7 @@ def _pack_pass(raws, ctx: PackContext, pool, config: BuildConfig,
             raw, key = pending.popleft()
             bar.update(1)
             if isinstance(result, Reject):
-                rejects.append(result)
+                rejects.add(result)
                 bar.set_postfix(rejected=len(rejects), refresh=False)
                 continue
             stats.add(result.labels, result.fields)
@@ -260,7 +258,7 @@ def _pack_pass(raws, ctx: PackContext, pool, config: BuildConfig,
         bar.close()
         catalog.close()
     catalog.finish()
-    return catalog, stats, rejects, seen
+    return catalog, stats, seen
 
 
 def _shard_plans(kept: np.ndarray, split_of: np.ndarray, split_names: list[str], keys: pa.Array, size: np.ndarray,
@@ -350,7 +348,7 @@ def media_settings(config: BuildConfig) -> MediaSettings:
                          config.sample_rate, config.channels, config.audio_format, config.max_audio_seconds)
 
 
-def settle_rate(catalog: Catalog, settings: MediaSettings, pool, folder: str, rejects: list[Reject]) -> MediaSettings:
+def settle_rate(catalog: Catalog, settings: MediaSettings, pool, folder: str, rejects: RejectLog) -> MediaSettings:
     """The dataset's one audio rate, when the config leaves it open: the files' own rate when they all
     share one, else ``DEFAULT_RATE``, to which the records of other rates are then re-encoded."""
     if settings.sample_rate is not None:
@@ -370,7 +368,7 @@ def settle_rate(catalog: Catalog, settings: MediaSettings, pool, folder: str, re
         try:
             new_ext, members[new_ext], seconds, _ = encode_audio(members.pop(ext), ext, settings)
         except MediaReject as e:
-            rejects.append(Reject(catalog.source_id(i), (), e.reason, str(e)))
+            rejects.add(Reject(catalog.source_id(i), (), e.reason, str(e)))
             a["size"][i] = 0  # left out of the dataset
             continue
         block = sample_block(catalog.keys[i], members)
