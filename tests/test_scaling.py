@@ -83,11 +83,16 @@ def test_ray_build_is_byte_identical_to_local(raw_slice, local_build, ray_sessio
         raise AssertionError("a packed record was fetched to the driver")
 
     monkeypatch.setattr(executors.RayExecutor, "_fetch", fetch)
+    kept = []  # what the driver holds for the tokenizer: one object per train shard, none per record
+    keep = executors.RayExecutor._keep_texts
+    monkeypatch.setattr(executors.RayExecutor, "_keep_texts",
+                        lambda self, name, *rest: (keep(self, name, *rest), kept.append(len(self._texts)))[0])
     out = tmp_path / "ray"
     assert main(["build", str(raw_slice), str(out), *BUILD_ARGS, "--executor", "ray"]) == 0
     local, ray = output_files(local_build), output_files(out)
     assert "tokenizer/tokenizer.json" in local
     card = json.loads(local["dataset.json"])
+    assert max(kept) <= len(card["splits"]["train"]["shards"]) < card["splits"]["train"]["samples"]
     counts = [[s["samples"] for s in split["shards"]] for split in card["splits"].values()]
     assert any(5 in c for c in counts) and any(n < 5 for c in counts for n in c[:-1])  # cut by both limits
     assert sorted(local) == sorted(ray)

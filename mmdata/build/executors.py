@@ -142,6 +142,11 @@ class LocalExecutor:
             self.pool.join()
             self.pool = None
 
+    def texts(self, shard: str, where: list[tuple[str, int, int, int]]) -> Iterator[bytes]:
+        """The texts of one train shard's records (``where``: spill, offset, start, size each, in order)."""
+        for spill, offset, start, size in where:
+            yield self.read(spill, offset, start, size)
+
     def read(self, spill: str, offset: int, start: int, size: int) -> bytes:
         """``size`` bytes from ``start`` of the record packed at ``offset`` of ``spill``."""
         fd = self._readers.get(spill)
@@ -205,7 +210,7 @@ class RayExecutor:
         self._pack = ray.remote(num_returns=2)(_pack_chunk)
         self._write = ray.remote(_write_remote)
         self.blocks: list[Any] = []  # chunk -> object reference of its packed blocks
-        self._texts: dict[tuple[str, int], bytes] = {}  # (chunk, place) -> text, for the tokenizer
+        self._texts: dict[str, tuple[bytes, list[int]]] = {}  # train shard -> its texts joined, their sizes
         self._texts_kept = 0
 
     def pack(self, jobs: Iterable, ctx: PackContext) -> Iterator[Any]:
@@ -226,25 +231,34 @@ class RayExecutor:
         def submit(plan: ShardPlan) -> Callable[[], ShardInfo]:
             chunks = sorted({int(path[len(RAY_PREFIX):]) for path, _, _ in plan.members})
             ref = self._write.remote(storage, plan, chunks, *[self.blocks[c] for c in chunks])
-            return lambda: self._keep_texts(*self.ray.get(ref))
+            return lambda: self._keep_texts(plan.name, *self.ray.get(ref))
 
         window = max(4, 2 * int(self.ray.cluster_resources().get("CPU", 2)))
         yield from in_order(submit, shards, window)
 
-    def _keep_texts(self, info: ShardInfo, texts: dict[tuple[str, int], bytes]) -> ShardInfo:
-        """Keep the texts a write task handed back (up to ``TEXTS_KEPT`` bytes), for the tokenizer's reads."""
-        for where, text in texts.items():
-            if self._texts_kept < TEXTS_KEPT:
-                self._texts[where] = text
-                self._texts_kept += len(text)
+    def _keep_texts(self, name: str, info: ShardInfo, joined: bytes, sizes: list[int]) -> ShardInfo:
+        """Keep the texts a train shard's write task handed back, one bytes object a shard, up to
+        ``TEXTS_KEPT`` bytes in all: what the tokenizer reads then costs no object-store fetch."""
+        if joined and self._texts_kept < TEXTS_KEPT:
+            self._texts[name] = (joined, sizes)
+            self._texts_kept += len(joined)
         return info
 
+    def texts(self, shard: str, where: list[tuple[str, int, int, int]]) -> Iterator[bytes]:
+        """The texts of one train shard's records (``where``: spill, offset, start, size each, in order)."""
+        kept = self._texts.pop(shard, None)
+        if kept is not None:
+            joined, sizes = kept
+            self._texts_kept -= len(joined)
+            ends = itertools.accumulate(sizes)
+            yield from (joined[end - n:end] for n, end in zip(sizes, ends))
+            return
+        for spill, offset, start, size in where:
+            yield self.read(spill, offset, start, size)
+
     def read(self, spill: str, offset: int, start: int, size: int) -> bytes:
-        """``size`` bytes from ``start`` of a packed record (``offset``: its place in its chunk): a text a
-        write task handed back, else fetched from the object store."""
-        text = self._texts.pop((spill, offset), None)
-        if text is not None and len(text) == size:
-            return text
+        """``size`` bytes from ``start`` of a packed record (``offset``: its place in its chunk), fetched from
+        the object store."""
         return self._fetch(spill, offset)[start:start + size]
 
     def _fetch(self, spill: str, offset: int) -> bytes:
@@ -301,10 +315,11 @@ def _pack_chunk(jobs: list, ctx: PackContext, chunk: int) -> tuple[list, list[by
 
 
 def _write_remote(storage, plan: ShardPlan, chunks: list[int],
-                  *blocks: list[bytes | None]) -> tuple[ShardInfo, dict[tuple[str, int], bytes]]:
+                  *blocks: list[bytes | None]) -> tuple[ShardInfo, bytes, list[int]]:
+    """Write one shard; hand back its info and, for a train shard, its texts joined and their sizes."""
     by_chunk = dict(zip(chunks, blocks))
     shard = ShardFile(plan.name)
-    texts = {}
+    texts = []
     for n, ((path, i, _), js) in enumerate(zip(plan.members, plan.json)):
         block = by_chunk[int(path[len(RAY_PREFIX):])][i]
         shard.start_sample()
@@ -312,10 +327,10 @@ def _write_remote(storage, plan: ShardPlan, chunks: list[int],
         shard.add(js)
         if plan.texts is not None and plan.texts[n][0] >= 0:
             start, size = plan.texts[n]
-            texts[(path, i)] = block[start:start + size]
+            texts.append(block[start:start + size])
     info = shard.finish()
     storage.write(plan.name, shard.data)
-    return info, texts
+    return info, b"".join(texts), [len(t) for t in texts]
 
 
 __all__ = ["EXECUTORS", "LocalExecutor", "Packed", "RayExecutor", "ShardPlan", "make_executor"]

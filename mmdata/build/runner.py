@@ -328,16 +328,18 @@ def _index_rows(catalog: Catalog, recs: np.ndarray, split: str, shard: str, size
 def train_texts(catalog: Catalog, plans, budget: int, pool) -> Iterator[str]:
     """The train split's texts, in shard order, up to ``budget`` UTF-8 bytes: what the tokenizer learns from.
 
-    Read from the spill files as the tokenizer asks for them: none is held."""
-    a = catalog.arrays
-    for split, _, recs in plans:
+    Read a shard at a time as the tokenizer asks for them (from the spill files, or what a Ray write task
+    handed back): none is held."""
+    a, paths = catalog.arrays, catalog.spills.values
+    for split, name, recs in plans:
         if split != "train":
             continue
-        for i in recs[a["text_at"][recs] >= 0].tolist():
+        recs = recs[a["text_at"][recs] >= 0]
+        where = list(zip([paths[c] for c in a["spill"][recs].tolist()], a["offset"][recs].tolist(),
+                         a["text_at"][recs].tolist(), a["text_bytes"][recs].tolist()))
+        for data in pool.texts(name, where):
             if budget <= 0:
                 return
-            path = catalog.spills.values[a["spill"][i]]
-            data = pool.read(path, int(a["offset"][i]), int(a["text_at"][i]), int(a["text_bytes"][i]))
             text = data[:budget].decode("utf-8", "ignore")  # cut at a character
             budget -= len(text.encode("utf-8")) or 1
             yield text
